@@ -1,0 +1,470 @@
+"""Hugging Face backbones as dense feature extractors: pixels ``[B, 3, H, W]`` → feature map ``[B, C, H/p, W/p]``
+(+ CLS token and last-layer CLS attention), with DINO's exact position-embedding interpolation (METHODS 0.1).
+
+Three families are wrapped behind one interface, [`FeatureBackbone`]:
+
+* **DINO v1 ViTs** (``model_type="vit"``, e.g. ``facebook/dino-vits8``): `ViTModel` without pooler. Features are
+  the patch tokens of the last block after the final LayerNorm (``last_hidden_state[:, 1:]``).
+* **DINOv2 / DINOv3 ViTs** (``dinov2``, ``dinov2_with_registers``, ``dinov3_vit``): the base model from
+  `AutoModel`; CLS and register tokens are dropped from the feature map.
+* **any other `AutoBackbone`** (ResNet, ConvNeXt, Swin, …): the feature map of the last stage; no CLS token.
+
+Example:
+
+```python
+>>> import torch
+>>> from hf_useg.backbones import FeatureBackbone, dino_vit_config
+>>> backbone = FeatureBackbone(dino_vit_config("vit_small", patch_size=8, num_hidden_layers=2), frozen=True)
+>>> out = backbone(torch.randn(1, 3, 320, 240), output_cls_attention=True)
+>>> out.feature_map.shape, out.cls_token.shape, out.cls_attention.shape
+(torch.Size([1, 384, 40, 30]), torch.Size([1, 384]), torch.Size([1, 6, 40, 30]))
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoBackbone, AutoConfig, AutoModel, PreTrainedConfig, ViTConfig, ViTModel
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
+from transformers.models.vit.modeling_vit import ViTEmbeddings
+from transformers.utils import ModelOutput, logging
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "BackboneFeatures",
+    "FeatureBackbone",
+    "dino_interpolate_pos_encoding",
+    "dino_vit_config",
+    "load_backbone_config",
+]
+
+DINO_LAYER_NORM_EPS = 1e-6
+
+# model types whose base model yields a token sequence [CLS, registers..., patches...]
+_TOKEN_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "dinov3_vit")
+# model types whose embeddings interpolate a learned position-embedding table (where the DINO formula applies);
+# dinov2_with_registers follows its release code (antialiased resize to the exact size) and dinov3 uses RoPE.
+_DINO_INTERPOLATION_MODEL_TYPES = ("vit", "dinov2")
+_INTERPOLATION_MODES = ("auto", "dino", "transformers")
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+_DINO_ARCHS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
+
+
+@dataclass
+class BackboneFeatures(ModelOutput):
+    """Output of [`FeatureBackbone`].
+
+    Args:
+        feature_map (`torch.FloatTensor` of shape `(batch_size, hidden_size, height / patch_size, width / patch_size)`):
+            Patch tokens of the last layer after the final LayerNorm (ViTs), or the last stage's feature map.
+        cls_token (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
+            The CLS token after the final LayerNorm; `None` for backbones without one.
+        cls_attention (`torch.FloatTensor` of shape `(batch_size, num_heads, height / patch_size, width / patch_size)`, *optional*):
+            Last-layer attention of the CLS query to every patch key (the CLS and register keys are left out, so a
+            head's map sums to one minus the attention on those), when requested.
+    """
+
+    feature_map: torch.FloatTensor | None = None
+    cls_token: torch.FloatTensor | None = None
+    cls_attention: torch.FloatTensor | None = None
+
+
+def dino_interpolate_pos_encoding(
+    position_embeddings: torch.Tensor, height: int, width: int, patch_size: int | tuple[int, int]
+) -> torch.Tensor:
+    """DINO's position-embedding interpolation (METHODS 0.1) for an input of ``height x width`` pixels.
+
+    ``position_embeddings`` ``[1, 1 + g*g, D]`` hold a CLS entry and a square ``g x g`` patch grid. For an input
+    grid ``h x w`` other than ``g x g`` the patch part is resized bicubically (``align_corners=False``) with
+    ``scale_factor=((h + 0.1) / g, (w + 0.1) / g)``: torch then uses that scale (not ``h / g``) to map output to
+    input coordinates, which is what makes DINO's features differ from a resize to ``size=(h, w)``. The
+    resize runs in float32. Returns ``[1, 1 + h*w, D]``; the input tensor itself when the grids match.
+
+    Example:
+
+    ```python
+    >>> dino_interpolate_pos_encoding(torch.randn(1, 1 + 4 * 4, 8), 48, 40, patch_size=8).shape
+    torch.Size([1, 31, 8])
+    ```
+    """
+    patch_h, patch_w = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+    num_positions = position_embeddings.shape[1] - 1
+    grid = math.isqrt(num_positions)
+    if grid * grid != num_positions:
+        raise ValueError(
+            f"DINO interpolation needs a square grid of position embeddings, got {num_positions} patch positions"
+        )
+    h, w = height // patch_h, width // patch_w
+    if (h, w) == (grid, grid):
+        return position_embeddings
+    dim = position_embeddings.shape[-1]
+    patch_pos = position_embeddings[:, 1:].reshape(1, grid, grid, dim).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(
+        patch_pos.float(),
+        scale_factor=((h + 0.1) / grid, (w + 0.1) / grid),
+        mode="bicubic",
+        align_corners=False,
+    ).to(position_embeddings.dtype)
+    if patch_pos.shape[-2:] != (h, w):  # cannot happen thanks to the +0.1; kept as DINO's own assertion
+        raise RuntimeError(f"DINO interpolation produced a {tuple(patch_pos.shape[-2:])} grid instead of {(h, w)}")
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, dim)
+    return torch.cat([position_embeddings[:, :1], patch_pos], dim=1)
+
+
+class _DinoInterpolationMixin:
+    """Swaps an HF embeddings module's `interpolate_pos_encoding` for DINO's formula; parameters and their names
+    are untouched (only the module's class changes, see `FeatureBackbone._use_dino_interpolation`)."""
+
+    def interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return dino_interpolate_pos_encoding(self.position_embeddings, height, width, self.patch_embeddings.patch_size)
+
+
+class DinoViTEmbeddings(_DinoInterpolationMixin, ViTEmbeddings):
+    """`ViTEmbeddings` with DINO's position-embedding interpolation."""
+
+
+class DinoDinov2Embeddings(_DinoInterpolationMixin, Dinov2Embeddings):
+    """`Dinov2Embeddings` with DINO's position-embedding interpolation (also the DINOv2 release code's own,
+    ``interpolate_offset=0.1`` without antialiasing)."""
+
+
+_DINO_EMBEDDINGS = {ViTEmbeddings: DinoViTEmbeddings, Dinov2Embeddings: DinoDinov2Embeddings}
+
+
+def dino_vit_config(arch: str = "vit_small", patch_size: int = 8, **overrides) -> ViTConfig:
+    """The `ViTConfig` of a DINO v1 ViT: ``vit_tiny`` (192 wide, 3 heads), ``vit_small`` (384, 6) or
+    ``vit_base`` (768, 12); depth 12, MLP 4x, LayerNorm eps 1e-6, ``qkv_bias``, image size 224, exact GELU,
+    no dropout. ``overrides`` are any other `ViTConfig` fields (e.g. ``num_hidden_layers=2`` for tests).
+
+    Example:
+
+    ```python
+    >>> config = dino_vit_config("vit_base", patch_size=16)
+    >>> config.hidden_size, config.num_attention_heads, config.layer_norm_eps
+    (768, 12, 1e-06)
+    ```
+    """
+    if arch not in _DINO_ARCHS:
+        raise ValueError(f"unknown DINO architecture {arch!r}; choose one of {sorted(_DINO_ARCHS)}")
+    hidden_size, heads = _DINO_ARCHS[arch]
+    kwargs = {
+        "hidden_size": hidden_size,
+        "num_hidden_layers": 12,
+        "num_attention_heads": heads,
+        "intermediate_size": 4 * hidden_size,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "layer_norm_eps": DINO_LAYER_NORM_EPS,
+        "image_size": 224,
+        "patch_size": patch_size,
+        "num_channels": 3,
+        "qkv_bias": True,
+    }
+    kwargs.update(overrides)
+    return ViTConfig(**kwargs)
+
+
+def _apply_dino_eps(config: PreTrainedConfig, name_or_path: str, explicit: bool) -> PreTrainedConfig:
+    if config.model_type == "vit" and not explicit and config.layer_norm_eps != DINO_LAYER_NORM_EPS:
+        logger.warning(
+            f"{name_or_path}: stored layer_norm_eps={config.layer_norm_eps} replaced by DINO's "
+            f"{DINO_LAYER_NORM_EPS} (METHODS 0.1: with the stored value features differ by up to 6e-5). Pass "
+            "layer_norm_eps=... to keep another value."
+        )
+        config.layer_norm_eps = DINO_LAYER_NORM_EPS
+    return config
+
+
+def load_backbone_config(name_or_path: str, **overrides) -> PreTrainedConfig:
+    """Load a backbone config from a Hub id or a local folder (`AutoConfig`). DINO v1 checkpoints
+    (``model_type="vit"``) get ``layer_norm_eps=1e-6`` (with a warning when the stored value differs), unless
+    ``layer_norm_eps`` is among ``overrides``. ``overrides`` are config fields or Hub arguments (``revision``…).
+
+    Example:
+
+    ```python
+    >>> config = load_backbone_config("facebook/dino-vits8")  # doctest: +SKIP
+    >>> config.layer_norm_eps  # doctest: +SKIP
+    1e-06
+    ```
+    """
+    config = AutoConfig.from_pretrained(name_or_path, **overrides)
+    return _apply_dino_eps(config, name_or_path, explicit="layer_norm_eps" in overrides)
+
+
+def _last_stage_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """A copy of an `AutoBackbone` config that outputs (only) its last stage."""
+    stage_names = getattr(config, "stage_names", None)
+    if not stage_names:
+        raise ValueError(f"{type(config).__name__} is not a backbone config (no stage_names)")
+    if list(getattr(config, "out_features", None) or []) == [stage_names[-1]]:
+        return config
+    config = copy.deepcopy(config)
+    config.out_indices = None
+    config.out_features = [stage_names[-1]]
+    return config
+
+
+class FeatureBackbone(nn.Module):
+    """A Hugging Face vision backbone as a dense feature extractor (see the module docstring).
+
+    Args:
+        config (`PreTrainedConfig`):
+            A `ViTConfig` (DINO v1, wraps `ViTModel(add_pooling_layer=False)`), a DINOv2/DINOv3 config (wraps the
+            base model), or any config `AutoBackbone` accepts (the last stage is used).
+        pos_embed_interpolation (`str`, *optional*, defaults to `"auto"`):
+            How position embeddings are resized for inputs other than the pretraining size: `"dino"` (METHODS 0.1,
+            DINO's ``scale_factor`` formula; for `vit` and `dinov2`), `"transformers"` (the model's own
+            `interpolate_pos_encoding`) or `"auto"` (`"dino"` for `vit`, `"transformers"` otherwise).
+        frozen (`bool`, *optional*, defaults to `False`):
+            No gradients: parameters get ``requires_grad=False``, the module stays in eval mode when a parent
+            calls ``.train()``, and `forward` runs under `torch.no_grad()`.
+        model (`nn.Module`, *optional*):
+            An already built model for `config` (what [`FeatureBackbone.from_pretrained`] passes); built from
+            `config` with random weights when omitted.
+
+    The wrapped model is ``self.model``: in a segmentation model its parameters are named
+    ``backbone.model.<transformers names>``.
+
+    Example:
+
+    ```python
+    >>> from transformers import ViTConfig
+    >>> config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+    ...                    patch_size=8, image_size=32, layer_norm_eps=1e-6)
+    >>> backbone = FeatureBackbone(config)
+    >>> backbone(torch.randn(2, 3, 48, 40)).feature_map.shape
+    torch.Size([2, 32, 6, 5])
+    ```
+    """
+
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        pos_embed_interpolation: str = "auto",
+        frozen: bool = False,
+        model: nn.Module | None = None,
+    ):
+        super().__init__()
+        if not isinstance(config, PreTrainedConfig):
+            raise TypeError(f"config must be a transformers PreTrainedConfig, got {type(config).__name__}")
+        if pos_embed_interpolation not in _INTERPOLATION_MODES:
+            raise ValueError(
+                f"pos_embed_interpolation must be one of {_INTERPOLATION_MODES}, got {pos_embed_interpolation!r}"
+            )
+        model_type = getattr(config, "model_type", "")
+        self.is_token_model = model_type in _TOKEN_MODEL_TYPES
+        if pos_embed_interpolation == "auto":
+            pos_embed_interpolation = "dino" if model_type == "vit" else "transformers"
+        if pos_embed_interpolation == "dino" and model_type not in _DINO_INTERPOLATION_MODEL_TYPES:
+            raise ValueError(
+                f"pos_embed_interpolation='dino' applies to {_DINO_INTERPOLATION_MODEL_TYPES} backbones (a learned "
+                f"square position-embedding grid), not to model_type {model_type!r}; use 'transformers' or 'auto'"
+            )
+        self.pos_embed_interpolation = pos_embed_interpolation
+
+        if model is None:
+            if model_type == "vit":
+                model = ViTModel(config, add_pooling_layer=False)
+            elif self.is_token_model:
+                model = AutoModel.from_config(config)
+            else:
+                try:
+                    model = AutoBackbone.from_config(_last_stage_config(config))
+                except ValueError as error:
+                    raise ValueError(
+                        f"unsupported backbone config {type(config).__name__} (model_type {model_type!r}): expected "
+                        f"a ViT/DINOv2/DINOv3 config or one that transformers.AutoBackbone accepts ({error})"
+                    ) from error
+        self.model = model
+        self.config = model.config
+        self._stride: int | None = None
+        if self.is_token_model:
+            self._num_prefix_tokens = 1 + int(getattr(self.config, "num_register_tokens", 0) or 0)
+            patch = self.config.patch_size
+            patch_hw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+            if patch_hw[0] != patch_hw[1]:
+                raise ValueError(f"only square patches are supported, got patch_size={patch}")
+            self._stride = int(patch_hw[0])
+            if pos_embed_interpolation == "dino":
+                self._use_dino_interpolation()
+
+        self.frozen = frozen
+        if frozen:
+            self.requires_grad_(False)
+            self.eval()
+
+    def _use_dino_interpolation(self) -> None:
+        embeddings = self.model.embeddings
+        for base, dino_class in _DINO_EMBEDDINGS.items():
+            if type(embeddings) is base:
+                # same parameters, same names; only `interpolate_pos_encoding` changes
+                embeddings.__class__ = dino_class
+                return
+        if not isinstance(embeddings, tuple(_DINO_EMBEDDINGS.values())):
+            raise ValueError(f"cannot use DINO interpolation with {type(embeddings).__name__}")
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def patch_size(self) -> int:
+        """The stride of the feature map in pixels (the patch size of a ViT)."""
+        if self._stride is None:
+            self._stride = self._measure_stride()
+        return self._stride
+
+    @property
+    def hidden_size(self) -> int:
+        """Channels ``C`` of the feature map."""
+        if self.is_token_model:
+            return int(self.config.hidden_size)
+        return int(self.model.channels[-1])
+
+    @property
+    def num_attention_heads(self) -> int | None:
+        """Heads of the last layer's attention (ViTs), `None` for other backbones."""
+        return int(self.config.num_attention_heads) if self.is_token_model else None
+
+    @property
+    def num_channels(self) -> int | None:
+        """Input channels the backbone expects (from its config)."""
+        return getattr(self.config, "num_channels", None)
+
+    @torch.no_grad()
+    def _measure_stride(self) -> int:
+        size = getattr(self.config, "image_size", 224)
+        size = size if isinstance(size, int) else 224
+        size = max(size, 64)
+        parameter = next(self.model.parameters())
+        dummy = torch.zeros(1, self.num_channels or 3, size, size, device=parameter.device, dtype=parameter.dtype)
+        was_training = self.model.training
+        self.model.eval()  # no BatchNorm statistics update from the probe
+        try:
+            height = self.model(dummy).feature_maps[-1].shape[-2]
+        finally:
+            self.model.train(was_training)
+        if size % height != 0:
+            raise ValueError(f"cannot infer the stride of {type(self.model).__name__}: {size} px -> {height} rows")
+        return size // height
+
+    def train(self, mode: bool = True) -> FeatureBackbone:
+        """Like `nn.Module.train`, but a frozen backbone always stays in eval mode."""
+        return super().train(False if self.frozen else mode)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be 4-D [batch, channels, height, width], got {tuple(pixel_values.shape)}")
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values must be a float tensor (normalised images), got {pixel_values.dtype}; use the image "
+                "processor to rescale and normalise uint8 images"
+            )
+        channels, height, width = pixel_values.shape[1:]
+        if self.num_channels is not None and channels != self.num_channels:
+            raise ValueError(f"pixel_values have {channels} channels, the backbone config expects {self.num_channels}")
+        patch = self.patch_size
+        if height % patch or width % patch or height == 0 or width == 0:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {patch}: crop or resize the "
+                f"images to multiples of {patch} (e.g. the image processor's size_divisor={patch})"
+            )
+        return height // patch, width // patch
+
+    def forward(self, pixel_values: torch.Tensor, output_cls_attention: bool = False) -> BackboneFeatures:
+        """Features of ``pixel_values`` ``[B, C_in, H, W]`` (``H``, ``W`` multiples of `patch_size`).
+
+        With ``output_cls_attention=True`` (ViTs only) the last layer's CLS→patch attention is returned too; the
+        model runs with eager attention for that call (SDPA cannot return attention weights).
+        """
+        if self.frozen:
+            with torch.no_grad():
+                return self._forward(pixel_values, output_cls_attention)
+        return self._forward(pixel_values, output_cls_attention)
+
+    def _forward(self, pixel_values: torch.Tensor, output_cls_attention: bool) -> BackboneFeatures:
+        h, w = self._check_pixel_values(pixel_values)
+        if not self.is_token_model:
+            if output_cls_attention:
+                raise ValueError(f"{type(self.model).__name__} has no CLS token: cls_attention is only for ViTs")
+            return BackboneFeatures(feature_map=self.model(pixel_values).feature_maps[-1])
+
+        kwargs = {"interpolate_pos_encoding": True} if self.config.model_type == "vit" else {}
+        if output_cls_attention:
+            outputs, attention = self._run_with_last_attention(pixel_values, kwargs)
+        else:
+            outputs, attention = self.model(pixel_values, **kwargs), None
+        tokens = outputs.last_hidden_state
+        batch = tokens.shape[0]
+        patches = tokens[:, self._num_prefix_tokens :]
+        feature_map = patches.transpose(1, 2).reshape(batch, patches.shape[-1], h, w)
+        cls_attention = None
+        if attention is not None:
+            cls_attention = attention[:, :, 0, self._num_prefix_tokens :].reshape(batch, attention.shape[1], h, w)
+        return BackboneFeatures(feature_map=feature_map, cls_token=tokens[:, 0], cls_attention=cls_attention)
+
+    def _last_attention_module(self) -> nn.Module:
+        target = type(self.model)._can_record_outputs.get("attentions")
+        target = getattr(target, "target_class", target)
+        modules = [module for module in self.model.modules() if isinstance(target, type) and isinstance(module, target)]
+        if not modules:
+            raise ValueError(f"cannot find the attention layers of {type(self.model).__name__}")
+        return modules[-1]
+
+    def _run_with_last_attention(self, pixel_values: torch.Tensor, kwargs: dict) -> tuple[ModelOutput, torch.Tensor]:
+        # Only the last layer's weights are kept (a forward hook), instead of output_attentions=True which would
+        # hold every layer's [B, heads, N, N] matrix.
+        captured = []
+        handle = self._last_attention_module().register_forward_hook(lambda module, args, out: captured.append(out[1]))
+        previous = self.model.config._attn_implementation
+        try:
+            if previous != "eager":
+                self.model.set_attn_implementation("eager")
+            outputs = self.model(pixel_values, **kwargs)
+        finally:
+            handle.remove()
+            if previous != "eager":
+                self.model.set_attn_implementation(previous)
+        if not captured or captured[-1] is None:
+            raise RuntimeError(f"{type(self.model).__name__} returned no attention weights with eager attention")
+        return outputs, captured[-1]
+
+    # ------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str, pos_embed_interpolation: str = "auto", frozen: bool = False, **kwargs
+    ) -> FeatureBackbone:
+        """Load config and weights from a Hub id or a local folder: `ViTModel` for ``model_type="vit"`` (DINO v1,
+        with ``layer_norm_eps=1e-6``, see [`load_backbone_config`]), the base model for DINOv2/DINOv3, otherwise
+        `AutoBackbone`. ``kwargs`` go to the model's ``from_pretrained`` (``dtype``, ``revision``, …); Hub
+        arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``, …) are used for the config too,
+        and ``layer_norm_eps`` overrides the config's.
+
+        Example:
+
+        ```python
+        >>> backbone = FeatureBackbone.from_pretrained("facebook/dino-vits8", frozen=True)  # doctest: +SKIP
+        ```
+        """
+        config_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        if "layer_norm_eps" in kwargs:
+            config_kwargs["layer_norm_eps"] = kwargs.pop("layer_norm_eps")
+        config = load_backbone_config(name_or_path, **config_kwargs)
+        model_type = config.model_type
+        if model_type == "vit":
+            model = ViTModel.from_pretrained(name_or_path, config=config, add_pooling_layer=False, **kwargs)
+        elif model_type in _TOKEN_MODEL_TYPES:
+            model = AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
+        else:
+            model = AutoBackbone.from_pretrained(name_or_path, config=_last_stage_config(config), **kwargs)
+        return cls(model.config, pos_embed_interpolation=pos_embed_interpolation, frozen=frozen, model=model)

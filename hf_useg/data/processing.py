@@ -1,0 +1,80 @@
+"""Turn a `datasets.Dataset` with ``image`` (+ ``label``) columns into model-ready torch samples."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset as TorchDataset
+
+__all__ = ["ProcessedSegmentationDataset", "collate_segmentation_batch"]
+
+
+class ProcessedSegmentationDataset(TorchDataset):
+    """Applies an image processor to each item of a `datasets.Dataset` (lazily, in the DataLoader workers).
+
+    Each item is ``{"pixel_values": [3, H, W] float, "labels": [H, W] long (or absent), "index": int}``. Label
+    values outside ``[0, num_classes)`` become ``ignore_index`` (-1), so every loss and the metric skip them.
+
+    Example:
+
+    ```python
+    >>> from hf_useg.data import make_synthetic_scenes
+    >>> from hf_useg import UnsupervisedSegmentationImageProcessor
+    >>> processor = UnsupervisedSegmentationImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    >>> items = ProcessedSegmentationDataset(make_synthetic_scenes(4, 64, 3), processor, num_classes=3)
+    >>> items[0]["pixel_values"].shape, items[0]["labels"].shape
+    (torch.Size([3, 32, 32]), torch.Size([32, 32]))
+    ```
+    """
+
+    def __init__(
+        self,
+        dataset,
+        image_processor: Callable,
+        num_classes: int | None = None,
+        with_labels: bool | None = None,
+        ignore_index: int = -1,
+    ):
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty: nothing to segment")
+        self.dataset = dataset
+        self.image_processor = image_processor
+        self.num_classes = num_classes
+        has_labels = "label" in dataset.column_names
+        if with_labels and not has_labels:
+            raise ValueError(f"the dataset has no 'label' column (columns: {dataset.column_names})")
+        self.with_labels = has_labels if with_labels is None else with_labels
+        self.ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        example = self.dataset[int(index)]
+        label = example.get("label") if self.with_labels else None
+        if label is not None:
+            encoded = self.image_processor(example["image"], segmentation_maps=label, return_tensors="pt")
+        else:
+            encoded = self.image_processor(example["image"], return_tensors="pt")
+        item: dict[str, torch.Tensor | int] = {"pixel_values": encoded["pixel_values"][0], "index": int(index)}
+        if label is not None:
+            labels = encoded["labels"][0].long()
+            invalid = labels < 0
+            if self.num_classes is not None:
+                invalid |= labels >= self.num_classes
+            item["labels"] = labels.masked_fill(invalid, self.ignore_index)
+        return item
+
+
+def collate_segmentation_batch(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack the tensors of `ProcessedSegmentationDataset` items (every item must have the same size)."""
+    batch: dict[str, torch.Tensor] = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        else:
+            batch[key] = torch.as_tensor(np.asarray(values))
+    return batch

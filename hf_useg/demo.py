@@ -1,0 +1,159 @@
+"""`make demo`: train STEGO for a short schedule, compare it with the DINO-feature k-means baseline on the same
+backbone, and write a model folder, overlays and a per-class table.
+
+Offline by default: the generated synthetic scenes and a small randomly initialised ViT (both named as such in
+the output). ``BACKBONE=facebook/dino-vits8`` (a Hub id or a local folder) and ``DATA=<hub id or folder>`` (with
+``NUM_CLASSES``) switch to real ones; with no network a Hub id is reported at once and the default is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .trainer import RANDOM_BACKBONES, TrainingArguments, train
+
+DEFAULT_BACKBONE = "random-vit-tiny"
+
+
+def _hub_reachable(timeout: float = 1.5) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _pick_backbone(requested: str | None) -> tuple[str, str | None]:
+    if not requested or requested in RANDOM_BACKBONES or Path(requested).exists():
+        return requested or DEFAULT_BACKBONE, None
+    if _hub_reachable():
+        return requested, None
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return DEFAULT_BACKBONE, f"no network: cannot download {requested!r}; using the offline default {DEFAULT_BACKBONE}"
+
+
+def _pick_data(requested: str | None) -> tuple[str, str | None]:
+    if not requested or requested == "synthetic" or Path(requested).exists():
+        return requested or "synthetic", None
+    if _hub_reachable():
+        return requested, None
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return "synthetic", f"no network: cannot download the dataset {requested!r}; using the generated synthetic scenes"
+
+
+def _write_overlays(model_dir: Path, args: TrainingArguments, output_dir: Path, count: int = 4) -> list[Path]:
+    import hf_useg  # noqa: F401
+    from transformers import AutoModel
+
+    from .image_processing import UnsupervisedSegmentationImageProcessor
+    from .trainer import _load_splits
+    from .visualization import color_palette, colorize, overlay, side_by_side
+
+    model = AutoModel.from_pretrained(model_dir).eval()
+    processor = UnsupervisedSegmentationImageProcessor.from_pretrained(model_dir)
+    _, val, num_classes, class_names = _load_splits(args)
+    palette = color_palette(max(num_classes, model.config.num_labels))
+    paths = []
+    for index in range(min(count, len(val))):
+        example = val[index]
+        encoded = processor(example["image"], segmentation_maps=example["label"], return_tensors="pt")
+        prediction = model.predict(encoded["pixel_values"]).cluster_log_probs.argmax(1)[0].numpy()
+        # show clusters in the colour of the class they were matched to
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        class_ids = {name: i for i, name in enumerate(class_names)}
+        mapped = np.array([class_ids.get(name, -1) for name in names])[prediction]
+        mean = np.asarray(processor.image_mean)[:, None, None]
+        std = np.asarray(processor.image_std)[:, None, None]
+        image = ((encoded["pixel_values"][0].numpy() * std + mean).clip(0, 1) * 255).round().astype(np.uint8)
+        image = image.transpose(1, 2, 0)
+        labels = encoded["labels"][0].numpy()
+        labels = np.where(labels < num_classes, labels, -1)
+        figure = side_by_side(image, overlay(image, mapped, palette), colorize(labels, palette))
+        path = output_dir / f"overlay_{index}.png"
+        figure.resize((figure.width * 3, figure.height * 3), resample=0).save(path)
+        paths.append(path)
+    return paths
+
+
+def run_demo(output_dir: str | os.PathLike = "demo_output", steps: int | None = None) -> dict:
+    """Run the main job and print a summary; returns the STEGO and k-means summaries."""
+    output_dir = Path(output_dir)
+    notes = []
+    backbone, note = _pick_backbone(os.environ.get("BACKBONE"))
+    if note:
+        notes.append(note)
+    data, note = _pick_data(os.environ.get("DATA"))
+    if note:
+        notes.append(note)
+    for line in notes:
+        print(f"[hf_useg demo] {line}", flush=True)
+    synthetic = data == "synthetic"
+    real_backbone = backbone not in RANDOM_BACKBONES
+    resolution = 64 if synthetic and not real_backbone else 224
+    common = dict(
+        dataset=data,
+        backbone=backbone,
+        num_classes=None if synthetic else int(os.environ.get("NUM_CLASSES", "0")) or None,
+        resolution=resolution,
+        eval_resolution=resolution if synthetic else 320,
+        seed=0,
+        max_val_images=None if synthetic else 100,
+        synthetic_num_images=96,
+        synthetic_num_classes=4,
+        synthetic_image_size=64 if resolution == 64 else 256,
+        eval_batch_size=16,
+    )
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    print(f"[hf_useg demo] backbone: {backbone}{'' if real_backbone else ' (randomly initialised ViT, offline default)'}")
+    print(f"[hf_useg demo] data: {'generated synthetic scenes (not real data)' if synthetic else data}")
+
+    stego_args = TrainingArguments(
+        method="stego",
+        output_dir=str(output_dir / "stego"),
+        max_steps=steps or (150 if synthetic else 500),
+        batch_size=16,
+        val_every=50,
+        save_every=50,
+        model={"dim": 32 if not real_backbone else 70, "pointwise": True},
+        **common,
+    )
+    stego = train(stego_args)
+    kmeans_args = TrainingArguments(method="dino_kmeans", output_dir=str(output_dir / "kmeans"), **common)
+    kmeans = train(kmeans_args)
+
+    overlays = _write_overlays(Path(stego["model_dir"]), stego_args, output_dir)
+    table = stego.pop("per_class_table", "")
+    kmeans.pop("per_class_table", None)
+    (output_dir / "summary.json").write_text(json.dumps({"stego": stego, "dino_kmeans": kmeans}, indent=2))
+    print()
+    print("=" * 78)
+    print("hf_useg demo summary")
+    print("=" * 78)
+    for line in notes:
+        print(f"note: {line}")
+    print(f"data:     {stego['dataset']}")
+    print(f"backbone: {stego['backbone']}")
+    print(f"STEGO:    {stego['steps']} steps in {stego['train_seconds']} s")
+    print(table)
+    print()
+    print(f"{'method':<24}{'cluster acc':>14}{'cluster mIoU':>14}{'linear mIoU':>14}")
+    for name, result in (("STEGO", stego), ("DINO-feature k-means", kmeans)):
+        linear = result.get("linear_mean_iou")
+        print(
+            f"{name:<24}{100 * result.get('cluster_accuracy', float('nan')):>13.1f}%"
+            f"{100 * result.get('cluster_mean_iou', float('nan')):>13.1f}%"
+            + (f"{100 * linear:>13.1f}%" if linear is not None else f"{'-':>14}")
+        )
+    print()
+    print(f"model folder: {stego['model_dir']} (config.json, model.safetensors, preprocessor_config.json, README.md)")
+    print(f"overlays:     {', '.join(str(p) for p in overlays)} (image | prediction | ground truth)")
+    print(f"summary:      {output_dir / 'summary.json'}")
+    return {"stego": stego, "dino_kmeans": kmeans}

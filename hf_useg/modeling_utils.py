@@ -1,0 +1,210 @@
+"""Pieces shared by every `*ForUnsupervisedSegmentation` model: typed outputs, the thin `PreTrainedModel`
+base, and the evaluation-time `predict` (flip TTA -> bilinear upsample -> probes -> optional dense CRF)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+__all__ = [
+    "UnsupervisedSegmentationPreTrainedModel",
+    "UnsupervisedSegmenterOutput",
+    "UnsupervisedSegmentationPrediction",
+    "check_pixel_values",
+]
+
+
+@dataclass
+class UnsupervisedSegmenterOutput(ModelOutput):
+    """Output of every `*ForUnsupervisedSegmentation.forward`.
+
+    Args:
+        loss: training loss of the method (when the forward computes one), else None.
+        logits: cluster log-probabilities ``[B, K, h, w]`` at feature resolution (what the
+            ``image-segmentation`` pipeline reads).
+        linear_logits: linear-probe logits ``[B, num_classes, h, w]`` when the model has a linear probe.
+        code: the learned embedding ``[B, D, h, w]`` (the backbone features for zero-training baselines).
+        features: the backbone feature map ``[B, C, h, w]``.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    linear_logits: torch.FloatTensor | None = None
+    code: torch.FloatTensor | None = None
+    features: torch.FloatTensor | None = None
+
+
+@dataclass
+class UnsupervisedSegmentationPrediction(ModelOutput):
+    """Output of `predict`: log-probabilities ``[B, K, H, W]`` at the requested output size, and the dense-CRF
+    marginals ``Q`` (probabilities, summing to one over ``K``) when ``crf=True``."""
+
+    cluster_log_probs: torch.FloatTensor | None = None
+    linear_log_probs: torch.FloatTensor | None = None
+    cluster_crf_probs: torch.FloatTensor | None = None
+    linear_crf_probs: torch.FloatTensor | None = None
+
+
+def check_pixel_values(pixel_values: torch.Tensor, patch_size: int | None = None, num_channels: int = 3) -> None:
+    """Raise a clear error for input that no model here can segment correctly."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.ndim != 4:
+        raise ValueError(f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}")
+    if pixel_values.shape[1] != num_channels:
+        raise ValueError(
+            f"pixel_values has {pixel_values.shape[1]} channels, expected {num_channels} (RGB); convert grayscale or"
+            " RGBA images to RGB first (UnsupervisedSegmentationImageProcessor does)"
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values must be a normalised float tensor, got {pixel_values.dtype}; "
+            "use UnsupervisedSegmentationImageProcessor to turn images into pixel_values"
+        )
+    if patch_size is not None:
+        height, width = pixel_values.shape[-2:]
+        if height % patch_size or width % patch_size:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by the patch size {patch_size}: crop or resize it to a "
+                f"multiple of {patch_size} (the image processor's center crop or size_divisor does)"
+            )
+
+
+class UnsupervisedSegmentationPreTrainedModel(PreTrainedModel):
+    """Thin base of every segmentation model here: weight init and the shared `predict` pipeline.
+
+    Subclasses implement `compute_code(pixel_values) -> [B, D, h, w]` (the embedding that is flip-averaged and
+    upsampled) and `probe_log_probs(code) -> (cluster_log_probs, linear_log_probs | None)`.
+    """
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    base_model_prefix = "segmenter"
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # The heads of the released methods use PyTorch's default initialisation; keep it (the guarded torch
+        # init functions inside reset_parameters() leave loaded weights untouched).
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)):
+            module.reset_parameters()
+        elif hasattr(module, "reset_parameters") and module.__class__.__module__.startswith("hf_useg"):
+            module.reset_parameters()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # construction helpers
+    @classmethod
+    def from_pretrained_backbone(
+        cls, backbone: str, config: PreTrainedConfig | None = None, **config_kwargs
+    ) -> UnsupervisedSegmentationPreTrainedModel:
+        """A fresh model (randomly initialised heads) on top of pretrained backbone weights.
+
+        Example:
+
+        ```python
+        >>> model = StegoForUnsupervisedSegmentation.from_pretrained_backbone("facebook/dino-vits8", dim=70)
+        ```
+        """
+        from .backbones import FeatureBackbone
+
+        pretrained = FeatureBackbone.from_pretrained(backbone)
+        if config is None:
+            config = cls.config_class(backbone_config=pretrained.model.config.to_dict(), **config_kwargs)
+        else:
+            config.backbone_config = pretrained.model.config
+            for key, value in config_kwargs.items():
+                setattr(config, key, value)
+        if hasattr(config, "backbone_name"):
+            config.backbone_name = backbone
+        model = cls(config)
+        missing, unexpected = model.backbone.model.load_state_dict(pretrained.model.state_dict(), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"backbone weights of {backbone!r} do not fit: missing {missing}, unexpected {unexpected}")
+        return model
+
+    def set_cluster_names(self, assignment: Sequence[int] | np.ndarray, class_names: Sequence[str]) -> None:
+        """Name every cluster after the class it was matched to (``assignment[cluster] = class or -1``), so the
+        pipeline and the Space can label segments. Unmatched clusters are called ``unmatched_<i>``."""
+        names = {}
+        for cluster, matched in enumerate(np.asarray(assignment).tolist()):
+            if matched < 0 or matched >= len(class_names):
+                names[cluster] = f"unmatched_{cluster}"
+            else:
+                names[cluster] = str(class_names[matched])
+        self.config.id2label = names
+        self.config.label2id = {}
+        for cluster, name in names.items():
+            self.config.label2id.setdefault(name, cluster)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # evaluation
+    def compute_code(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def probe_log_probs(self, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(
+        self,
+        pixel_values: torch.Tensor,
+        output_size: tuple[int, int] | None = None,
+        flip_tta: bool = True,
+        crf: bool = False,
+        images: np.ndarray | Sequence[np.ndarray] | None = None,
+        crf_workers: int = 0,
+    ) -> UnsupervisedSegmentationPrediction:
+        """Segment a batch in the method's evaluation order (STEGO, METHODS 1.3).
+
+        code = (code(x) + flip(code(flip(x)))) / 2 when ``flip_tta`` -> bilinear upsample (align_corners=False)
+        to ``output_size`` (default: the input size) -> cluster/linear log-probabilities -> with ``crf=True`` the
+        dense-CRF marginals.
+
+        Args:
+            images: uint8 RGB images ``[B, H, W, 3]`` at ``output_size`` for the CRF. When omitted they are rebuilt
+                from ``pixel_values`` the way STEGO does (un-normalise, x255, truncate; METHODS 0.7), bilinearly
+                resized first when ``output_size`` differs from the input size.
+            crf_workers: CPU processes for the CRF (0 = in this process).
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            code = self.compute_code(pixel_values)
+            if flip_tta:
+                code = (code + self.compute_code(pixel_values.flip(-1)).flip(-1)) / 2
+            size = tuple(output_size) if output_size is not None else tuple(pixel_values.shape[-2:])
+            code = F.interpolate(code, size=size, mode="bilinear", align_corners=False)
+            cluster_log_probs, linear_log_probs = self.probe_log_probs(code)
+            prediction = UnsupervisedSegmentationPrediction(
+                cluster_log_probs=cluster_log_probs, linear_log_probs=linear_log_probs
+            )
+            if crf:
+                from .crf import dense_crf_batch, denormalize_to_uint8
+
+                if images is None:
+                    source = pixel_values
+                    if tuple(source.shape[-2:]) != size:
+                        source = F.interpolate(source, size=size, mode="bilinear", align_corners=False)
+                    images = denormalize_to_uint8(source.float().cpu())
+                images = np.asarray(images)
+                if images.ndim != 4 or tuple(images.shape[1:3]) != size:
+                    raise ValueError(
+                        f"images for the CRF must be [B, {size[0]}, {size[1]}, 3] uint8, got shape {images.shape}"
+                    )
+                prediction.cluster_crf_probs = dense_crf_batch(
+                    images, cluster_log_probs.float().cpu(), num_workers=crf_workers
+                ).to(cluster_log_probs.device)
+                if linear_log_probs is not None:
+                    prediction.linear_crf_probs = dense_crf_batch(
+                        images, linear_log_probs.float().cpu(), num_workers=crf_workers
+                    ).to(linear_log_probs.device)
+            return prediction
+        finally:
+            self.train(was_training)

@@ -1,0 +1,1 @@
+"""One sub-package per method: configuration_<method>.py and modeling_<method>.py."""

@@ -1,0 +1,88 @@
+"""Configuration of the zero-training DINO segmentation baselines (METHODS 4.2)."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# DINO v1 ViT-S/8 (facebook/dino-vits8); LayerNorm eps 1e-6 reproduces DINO's features (METHODS 0.1).
+DINO_VIT_SMALL_8 = {
+    "hidden_size": 384,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 6,
+    "intermediate_size": 1536,
+    "patch_size": 8,
+    "image_size": 224,
+    "layer_norm_eps": 1e-6,
+    "qkv_bias": True,
+}
+
+_MODES = ("kmeans", "attention")
+
+
+@strict
+class DinoSegmentationConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`DinoForUnsupervisedSegmentation`]: a frozen DINO backbone whose patch features are
+    clustered with cosine k-means (``mode="kmeans"``).
+
+    Args:
+        backbone_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of the backbone (a `ViTConfig` for DINO v1, a `Dinov2Config`, or any `AutoBackbone` config).
+            Defaults to DINO ViT-S/8.
+        pos_embed_interpolation (`str`, *optional*, defaults to `"auto"`):
+            `"dino"` (DINO's own formula, the default for ViT), `"transformers"` or `"auto"`.
+        num_clusters (`int`, *optional*, defaults to 27):
+            Number of k-means clusters (K = number of classes in the protocol).
+        logit_scale (`float`, *optional*, defaults to 2.0):
+            Cluster log-probabilities are ``log_softmax(logit_scale * cosine)``; the argmax is the nearest centroid
+            whatever the scale.
+        mode (`str`, *optional*, defaults to `"kmeans"`):
+            Which baseline ``predict`` runs.
+        attention_threshold (`float`, *optional*, defaults to 0.6):
+            Fraction of CLS-attention mass kept by the attention-mask baseline.
+        is_fitted (`bool`, *optional*, defaults to `False`):
+            Set by `fit`; an unfitted model refuses to predict.
+
+    Example:
+
+    ```python
+    >>> from hf_useg import DinoSegmentationConfig, DinoForUnsupervisedSegmentation
+    >>> config = DinoSegmentationConfig(num_clusters=11)
+    >>> model = DinoForUnsupervisedSegmentation(config)
+    ```
+    """
+
+    model_type = "dino_segmentation"
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="vit", init_kwargs=DINO_VIT_SMALL_8),
+    }
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    pos_embed_interpolation: str = "auto"
+    num_clusters: int = 27
+    logit_scale: float = 2.0
+    mode: str = "kmeans"
+    attention_threshold: float = 0.6
+    is_fitted: bool = False
+    backbone_name: str | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.num_clusters < 1:
+            raise ValueError(f"num_clusters must be >= 1, got {self.num_clusters}")
+        if self.mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
+        if not 0.0 < self.attention_threshold <= 1.0:
+            raise ValueError(f"attention_threshold must be in (0, 1], got {self.attention_threshold}")
+        if self.pos_embed_interpolation not in ("auto", "dino", "transformers"):
+            raise ValueError(
+                f"pos_embed_interpolation must be 'auto', 'dino' or 'transformers', got {self.pos_embed_interpolation!r}"
+            )
+        if len(self.id2label) != self.num_clusters:
+            self.id2label = {i: f"cluster_{i}" for i in range(self.num_clusters)}
+            self.label2id = {name: i for i, name in self.id2label.items()}
+
+
+__all__ = ["DinoSegmentationConfig"]

@@ -1,0 +1,581 @@
+"""Accelerate training loop shared by every method (`training/train.py` is its command line).
+
+What it does, for a demanding user: loads data through `hf_useg.data`, builds the model (pretrained or random
+backbone), trains with deterministic per-step randomness, validates every ``val_every`` steps (cluster and
+linear mIoU through the shared metric, logged to Accelerate trackers and ``metrics.jsonl``), keeps the best
+model, writes resumable checkpoints atomically every ``save_every`` steps (``resume_from_checkpoint="latest"``
+continues bit-for-bit), and ends with a ``save_pretrained`` folder holding the image processor, ``id2label`` from
+the Hungarian matching, the evaluation results and a generated model card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from .data.processing import ProcessedSegmentationDataset, collate_segmentation_batch
+from .image_processing import UnsupervisedSegmentationImageProcessor
+from .inference import evaluate_segmenter, format_per_class_table, summarize, write_evaluation_report
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainingArguments", "train", "load_training_arguments", "latest_checkpoint"]
+
+METHODS = ("stego", "dino_kmeans")
+RANDOM_BACKBONES = {
+    # name -> ViTConfig kwargs; randomly initialised, for offline demos and tests (named as such in outputs)
+    "random-vit-tiny": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, patch_size=8,
+        image_size=64, layer_norm_eps=1e-6,
+    ),
+    "random-vit-micro": dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8,
+        image_size=32, layer_norm_eps=1e-6,
+    ),
+    "random-vit-small-8": dict(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=8,
+        image_size=224, layer_norm_eps=1e-6,
+    ),
+}
+
+
+@dataclass
+class TrainingArguments:
+    """Everything `train` needs; YAML configs in ``training/configs`` hold these keys.
+
+    ``model`` holds overrides of the method's config (e.g. ``{"dim": 70}``); ``preset`` picks published
+    hyper-parameters (``StegoConfig.for_dataset``). ``None`` for a schedule value means "the method config's".
+    """
+
+    method: str = "stego"
+    dataset: str = "synthetic"
+    train_split: str = "train"
+    val_split: str | None = "val"
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    backbone: str = "random-vit-tiny"
+    preset: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    output_dir: str = "outputs/run"
+    max_steps: int | None = None
+    batch_size: int | None = None
+    eval_batch_size: int = 8
+    resolution: int | None = None
+    eval_resolution: int | None = None
+    five_crop: bool | None = None
+    val_every: int | None = None
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    max_val_images: int | None = None
+    max_train_images: int | None = None
+    resume_from_checkpoint: str | None = None
+    seed: int = 0
+    num_workers: int = 0
+    knn_cache_dir: str | None = None
+    knn_k: int = 30
+    report_to: list[str] = field(default_factory=list)
+    log_every: int = 10
+    final_crf: bool = False
+    final_flip_tta: bool = True
+    kmeans_vectors_per_image: int | None = 256
+    synthetic_num_images: int = 48
+    synthetic_image_size: int = 64
+    synthetic_num_classes: int = 4
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("max_steps", "batch_size", "resolution", "eval_resolution", "val_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.save_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("save_every and keep_checkpoints must be >= 1")
+
+
+def load_training_arguments(path: str | os.PathLike | None = None, **overrides) -> TrainingArguments:
+    """Read a YAML config (keys = `TrainingArguments` fields) and apply ``overrides`` (None values skipped;
+    ``model`` overrides are merged key by key)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a training config must be a mapping of options, got {type(loaded).__name__}")
+        values.update(loaded)
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {unknown}; valid options are {sorted(known)}")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "model":
+            values["model"] = {**values.get("model", {}), **value}
+        else:
+            values[key] = value
+    return TrainingArguments(**values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+def _load_splits(args: TrainingArguments):
+    from .data import load_segmentation_dataset, make_synthetic_scenes
+
+    if args.dataset == "synthetic":
+        num_classes = args.synthetic_num_classes
+        train = make_synthetic_scenes(
+            args.synthetic_num_images, args.synthetic_image_size, num_classes, seed=args.seed
+        )
+        val = make_synthetic_scenes(
+            max(8, args.synthetic_num_images // 4), args.synthetic_image_size, num_classes, seed=args.seed + 1
+        )
+        class_names = args.class_names or [f"synthetic-class-{i}" for i in range(num_classes)]
+        return train, val, num_classes, class_names
+    kwargs = dict(num_classes=args.num_classes, image_column=args.image_column, label_column=args.label_column)
+    train = load_segmentation_dataset(args.dataset, args.train_split, **kwargs)
+    val = load_segmentation_dataset(args.dataset, args.val_split, **kwargs) if args.val_split else None
+    num_classes = args.num_classes
+    class_names = args.class_names or _class_names_from_dataset(train)
+    if num_classes is None:
+        if class_names is None:
+            raise ValueError("num_classes is required for this dataset (it does not name its classes)")
+        num_classes = len(class_names)
+    if class_names is None or len(class_names) < num_classes:
+        class_names = [f"class_{i}" for i in range(num_classes)]
+    return train, val, num_classes, list(class_names)[:num_classes]
+
+
+def _class_names_from_dataset(dataset) -> list[str] | None:
+    names = getattr(dataset, "class_names", None)
+    if names:
+        return list(names)
+    try:
+        description = json.loads(dataset.info.description or "{}")
+        if isinstance(description, dict) and description.get("class_names"):
+            return list(description["class_names"])
+    except (json.JSONDecodeError, TypeError):
+        pass
+    return None
+
+
+class StepSampler(Sampler[list[int]]):
+    """Deterministic batches: epoch ``e`` is ``randperm(N)`` from a generator seeded with ``seed + e``, cut into
+    global batches of ``batch_size * world_size`` (last partial batch dropped); process ``rank`` takes its slice.
+    ``start(epoch, batch)`` resumes mid-epoch without loading the skipped items."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if num_items < batch_size * world_size:
+            raise ValueError(
+                f"the training set has {num_items} items, fewer than one batch of {batch_size} x {world_size} "
+                "process(es): lower batch_size or add images"
+            )
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.first_batch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_items // (self.batch_size * self.world_size)
+
+    def start(self, epoch: int, first_batch: int = 0) -> None:
+        self.epoch, self.first_batch = epoch, first_batch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.first_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        global_size = self.batch_size * self.world_size
+        for batch in range(self.first_batch, self.batches_per_epoch):
+            chunk = order[batch * global_size : (batch + 1) * global_size]
+            yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models
+
+
+def _backbone_config_and_weights(args: TrainingArguments):
+    """(backbone config, state dict or None, human-readable description)."""
+    from transformers import ViTConfig
+
+    from .backbones import FeatureBackbone
+
+    if args.backbone in RANDOM_BACKBONES:
+        return ViTConfig(**RANDOM_BACKBONES[args.backbone]), None, f"{args.backbone} (randomly initialised ViT)"
+    try:
+        pretrained = FeatureBackbone.from_pretrained(args.backbone)
+    except Exception as error:  # offline Hub ids, missing folders: say what failed
+        raise ValueError(f"could not load the backbone {args.backbone!r}: {error}") from error
+    return pretrained.model.config, pretrained.model.state_dict(), args.backbone
+
+
+def build_model(args: TrainingArguments, num_classes: int, class_names: list[str]):
+    backbone_config, backbone_weights, description = _backbone_config_and_weights(args)
+    torch.manual_seed(args.seed)
+    if args.method == "stego":
+        from .models.stego import StegoConfig, StegoForUnsupervisedSegmentation
+
+        overrides = {"num_classes": num_classes, **args.model}
+        if args.preset:
+            config = StegoConfig.for_dataset(args.preset, **overrides)
+            config.backbone_config = backbone_config
+        else:
+            config = StegoConfig(backbone_config=backbone_config, **overrides)
+        model_class = StegoForUnsupervisedSegmentation
+    else:
+        from .models.dino import DinoForUnsupervisedSegmentation, DinoSegmentationConfig
+
+        config = DinoSegmentationConfig(backbone_config=backbone_config, num_clusters=num_classes, **args.model)
+        model_class = DinoForUnsupervisedSegmentation
+    config.backbone_name = description
+    model = model_class(config)
+    if backbone_weights is not None:
+        model.backbone.model.load_state_dict(backbone_weights)
+    return model, description
+
+
+def _schedule(args: TrainingArguments, config) -> dict[str, Any]:
+    def pick(name: str, default):
+        value = getattr(args, name)
+        return value if value is not None else getattr(config, name, default)
+
+    return {
+        "max_steps": pick("max_steps", 7000),
+        "batch_size": pick("batch_size", 32),
+        "resolution": pick("resolution", 224),
+        "eval_resolution": pick("eval_resolution", 320),
+        "five_crop": pick("five_crop", False),
+        "val_every": pick("val_every", 100),
+    }
+
+
+def _processor(resolution: int, patch_size: int) -> UnsupervisedSegmentationImageProcessor:
+    if resolution % patch_size:
+        raise ValueError(f"resolution {resolution} is not a multiple of the backbone patch size {patch_size}")
+    return UnsupervisedSegmentationImageProcessor(
+        size={"shortest_edge": resolution}, crop_size={"height": resolution, "width": resolution}
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kNN table (STEGO, METHODS 0.6)
+
+
+def _knn_cache_key(model, train_items, resolution: int, k: int, five_crop: bool) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(model.config.backbone_config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in list(model.backbone.state_dict().items())[:4] + list(model.backbone.state_dict().items())[-2:]:
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:65536])
+    fingerprint = getattr(train_items.dataset, "_fingerprint", None) or str(len(train_items))
+    digest.update(f"{fingerprint}|{len(train_items)}|{resolution}|{k}|{five_crop}".encode())
+    return digest.hexdigest()[:24]
+
+
+@torch.no_grad()
+def compute_knn_table(
+    model, train_items, *, resolution: int, k: int, five_crop: bool, cache_dir: str | Path | None,
+    batch_size: int, accelerator, progress: bool = True,
+) -> torch.Tensor:
+    """Top-``k`` cosine neighbours of every training item's global descriptor, cached on disk under a key of
+    (backbone config and weights, dataset fingerprint, resolution, k, five-crop): reruns reuse it."""
+    from .data import global_descriptors, nearest_neighbors
+
+    k = min(k, len(train_items))
+    path = None
+    if cache_dir is not None:
+        key = _knn_cache_key(model, train_items, resolution, k, five_crop)
+        path = Path(cache_dir) / f"knn-{key}.pt"
+        if path.exists():
+            logger.info("loading the kNN table from %s", path)
+            return torch.load(path)
+    if accelerator.is_main_process:
+        loader = DataLoader(train_items, batch_size=batch_size, collate_fn=collate_segmentation_batch)
+        descriptors = []
+        device = accelerator.device
+        for batch in tqdm(loader, desc="kNN descriptors", disable=not progress):
+            features = model.extract_features(batch["pixel_values"].to(device))
+            descriptors.append(global_descriptors(features).cpu())
+        table = nearest_neighbors(torch.cat(descriptors), k)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(table, tmp)
+            os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        if path is None:
+            raise ValueError("multi-process STEGO training needs knn_cache_dir to share the kNN table")
+        table = torch.load(path)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete ``checkpoint-*`` folder under ``output_dir/checkpoints`` (None if there is none)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    complete = [p for p in root.glob("checkpoint-*") if (p / "trainer_state.json").exists() and p.is_dir()]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _save_checkpoint(accelerator, output_dir: Path, state: dict[str, Any], keep: int) -> Path:
+    root = output_dir / "checkpoints"
+    final = root / f"checkpoint-{state['step']:08d}"
+    tmp = root / f".tmp-checkpoint-{state['step']:08d}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic: a checkpoint folder is either complete or absent
+        for old in sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _save_model_folder(model, processor, path: Path, extra_files: dict[str, str] | None = None) -> None:
+    tmp = path.parent / f".tmp-{path.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(args: TrainingArguments) -> dict[str, Any]:
+    """Train (or fit) ``args.method`` and return a summary dict (also written to ``output_dir``)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    output_dir = Path(args.output_dir)
+    train_set, val_set, num_classes, class_names = _load_splits(args)
+    if args.max_train_images is not None:
+        train_set = train_set.select(range(min(args.max_train_images, len(train_set))))
+    has_train_labels = "label" in train_set.column_names
+    accelerator = Accelerator(
+        log_with=args.report_to or None,
+        project_dir=str(output_dir),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not has_train_labels)],
+    )
+    model, backbone_description = build_model(args, num_classes, class_names)
+    schedule = _schedule(args, model.config)
+    patch = model.backbone.patch_size
+    train_processor = _processor(schedule["resolution"], patch)
+    eval_processor = _processor(schedule["eval_resolution"], patch)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "training_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    log_path = output_dir / "metrics.jsonl"
+
+    def log(values: dict[str, float], step: int) -> None:
+        accelerator.log(values, step=step)
+        if accelerator.is_main_process:
+            with log_path.open("a") as handle:
+                handle.write(json.dumps({"step": step, **values}) + "\n")
+
+    if args.report_to:
+        accelerator.init_trackers("hf_useg", config={k: str(v) for k, v in dataclasses.asdict(args).items()})
+
+    if schedule["five_crop"] and args.method == "stego":
+        from .data import expand_five_crops
+
+        train_set = expand_five_crops(train_set, ratio=getattr(model.config, "crop_ratio", 0.5))
+
+    train_items = ProcessedSegmentationDataset(train_set, train_processor, num_classes=num_classes)
+    device = accelerator.device
+    model.to(device)
+    state: dict[str, Any] = {"step": 0, "best_cluster_mean_iou": -1.0, "best_step": None}
+    start_time = time.time()
+
+    if args.method == "dino_kmeans":
+        loader = DataLoader(train_items, batch_size=args.eval_batch_size, collate_fn=collate_segmentation_batch)
+        model.fit(loader, vectors_per_image=args.kmeans_vectors_per_image, seed=args.seed, progress=args.progress)
+        unwrapped = model
+    else:
+        unwrapped = _train_stego(
+            args, model, train_items, val_set, eval_processor, num_classes, schedule, accelerator, state, log
+        )
+
+    # final evaluation with the full protocol, id2label from the matching, model folder
+    summary: dict[str, Any] = {
+        "method": args.method,
+        "backbone": backbone_description,
+        "dataset": "generated synthetic scenes (not real data)" if args.dataset == "synthetic" else args.dataset,
+        "num_classes": num_classes,
+        "steps": state["step"],
+        "train_seconds": round(time.time() - start_time, 1),
+    }
+    results = None
+    if val_set is not None and "label" in val_set.column_names:
+        results = evaluate_segmenter(
+            unwrapped, val_set, eval_processor, num_classes, batch_size=args.eval_batch_size,
+            flip_tta=args.final_flip_tta, crf=args.final_crf, max_images=args.max_val_images,
+            accelerator=accelerator, progress=args.progress and accelerator.is_main_process,
+        )
+        unwrapped.set_cluster_names(results["cluster"]["assignment"], class_names)
+        summary.update(summarize(results))
+        summary["eval_protocol"] = {
+            "resolution": schedule["eval_resolution"], "crop": "center", "flip_tta": args.final_flip_tta,
+            "crf": args.final_crf, "matching": "hungarian", "precision": str(accelerator.mixed_precision),
+            "split": args.val_split if args.dataset != "synthetic" else "generated val",
+        }
+    if results is not None:
+        summary["per_class_table"] = format_per_class_table(results, class_names)
+    if accelerator.is_main_process:
+        from .hub import generate_model_card
+
+        extra = {"training_summary.json": json.dumps(summary, indent=2)}
+        card = generate_model_card(unwrapped, summary=summary, results=results, class_names=class_names)
+        extra["README.md"] = str(card)
+        _save_model_folder(unwrapped, eval_processor, output_dir / "model", extra)
+        if results is not None:
+            write_evaluation_report(results, output_dir / "model", class_names)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    summary["model_dir"] = str(output_dir / "model")
+    return summary
+
+
+def _train_stego(args, model, train_items, val_set, eval_processor, num_classes, schedule, accelerator, state, log):
+    steps, batch_size = schedule["max_steps"], schedule["batch_size"]
+    config = model.config
+    knn = compute_knn_table(
+        model, train_items, resolution=schedule["resolution"], k=args.knn_k, five_crop=schedule["five_crop"],
+        cache_dir=args.knn_cache_dir or (Path(args.output_dir) / "knn_cache"), batch_size=args.eval_batch_size,
+        accelerator=accelerator, progress=args.progress and accelerator.is_main_process,
+    )
+    num_neighbors = max(1, min(config.num_neighbors, knn.shape[1] - 1))
+    sampler = StepSampler(
+        len(train_items), batch_size, args.seed, accelerator.process_index, accelerator.num_processes
+    )
+    head_parameters = list(model.segmentation_head.parameters())
+    probe_parameters = list(model.cluster_probe.parameters()) + list(model.linear_probe.parameters())
+    optimizer = torch.optim.Adam(
+        [
+            {"params": head_parameters, "lr": config.head_learning_rate},
+            {"params": probe_parameters, "lr": config.probe_learning_rate},
+        ]
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    if args.resume_from_checkpoint:
+        path = (
+            latest_checkpoint(args.output_dir)
+            if args.resume_from_checkpoint == "latest"
+            else Path(args.resume_from_checkpoint)
+        )
+        if path is None:
+            logger.warning("resume_from_checkpoint=latest but %s has no checkpoint: starting fresh", args.output_dir)
+        else:
+            if not (path / "trainer_state.json").exists():
+                raise ValueError(f"{path} is not a complete hf_useg checkpoint (no trainer_state.json)")
+            accelerator.load_state(str(path))
+            state.update(json.loads((path / "trainer_state.json").read_text()))
+            accelerator.print(f"resumed from {path} at step {state['step']}")
+
+    per_epoch = sampler.batches_per_epoch
+    progress = tqdm(
+        total=steps, initial=state["step"], desc="train stego", disable=not (args.progress and accelerator.is_main_process)
+    )
+    while state["step"] < steps:
+        epoch, first = divmod(state["step"], per_epoch)
+        sampler.start(epoch, first)
+        for indices in sampler:
+            step = state["step"]
+            generator = torch.Generator().manual_seed(_step_seed(args.seed, step, accelerator.process_index))
+            ranks = torch.randint(1, num_neighbors + 1, (len(indices),), generator=generator)
+            partners = knn[torch.as_tensor(indices), ranks].tolist()
+            batch = collate_segmentation_batch([train_items[i] for i in indices])
+            positives = collate_segmentation_batch([train_items[i] for i in partners])
+            torch.manual_seed(_step_seed(args.seed, step, accelerator.process_index))
+            model.train()
+            output = model(
+                pixel_values=batch["pixel_values"].to(accelerator.device),
+                pixel_values_pos=positives["pixel_values"].to(accelerator.device),
+                labels=batch["labels"].to(accelerator.device) if "labels" in batch else None,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(output.loss)
+            optimizer.step()
+            state["step"] = step = step + 1
+            progress.update(1)
+            if step % args.log_every == 0 or step == steps:
+                values = {"train/loss": output.loss.item()}
+                for name in ("correlation_loss", "pos_intra", "pos_inter", "neg_inter", "cluster_probe_loss",
+                             "linear_probe_loss"):
+                    value = getattr(output, name, None)
+                    if value is not None:
+                        values[f"train/{name}"] = float(value)
+                if not math.isfinite(values["train/loss"]):
+                    raise FloatingPointError(f"the training loss became {values['train/loss']} at step {step}")
+                log(values, step)
+                progress.set_postfix(loss=f"{values['train/loss']:.4f}")
+            if val_set is not None and "label" in val_set.column_names and step % schedule["val_every"] == 0:
+                results = evaluate_segmenter(
+                    unwrapped, val_set, eval_processor, num_classes, batch_size=args.eval_batch_size,
+                    flip_tta=False, crf=False, max_images=args.max_val_images, accelerator=accelerator,
+                    progress=False,
+                )
+                values = {f"val/{k}": v for k, v in summarize(results).items()}
+                log(values, step)
+                if values["val/cluster_mean_iou"] > state["best_cluster_mean_iou"]:
+                    state["best_cluster_mean_iou"] = values["val/cluster_mean_iou"]
+                    state["best_step"] = step
+                    if accelerator.is_main_process:
+                        _save_model_folder(
+                            unwrapped, eval_processor, Path(args.output_dir) / "best",
+                            {"best_metrics.json": json.dumps({"step": step, **values}, indent=2)},
+                        )
+                    accelerator.wait_for_everyone()
+            if step % args.save_every == 0 or step == steps:
+                _save_checkpoint(accelerator, Path(args.output_dir), dict(state), args.keep_checkpoints)
+            if step >= steps:
+                break
+    progress.close()
+    unwrapped.eval()
+    return unwrapped
