@@ -1,1 +1,61 @@
-"""hf_useg (package init is being assembled; the full one is __init__.py.pending)."""
+"""hf_useg: unsupervised semantic segmentation (IIC, PiCIE, DINO, STEGO, CutMix-DETReg) as Hugging Face
+`transformers` models.
+
+Importing the package registers every method with `AutoConfig`, `AutoModel`,
+`AutoModelForSemanticSegmentation` (what the ``image-segmentation`` pipeline loads) and `AutoImageProcessor`.
+
+Example:
+
+```python
+>>> import hf_useg
+>>> from transformers import pipeline
+>>> segmenter = pipeline("image-segmentation", model="path/to/stego-model")   # doctest: +SKIP
+```
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
+
+from .clustering import ClusterProbe
+from .image_processing import UnsupervisedSegmentationImageProcessor
+from .modeling_utils import (
+    UnsupervisedSegmentationPrediction,
+    UnsupervisedSegmentationPreTrainedModel,
+    UnsupervisedSegmenterOutput,
+)
+from .models.dino import DinoForUnsupervisedSegmentation, DinoSegmentationConfig
+from .models.stego import StegoConfig, StegoForUnsupervisedSegmentation
+
+__version__ = "0.1.0"
+
+# (config class, model class) of every segmentation model; registered with the Auto classes below.
+_SEGMENTATION_MODELS = [
+    (DinoSegmentationConfig, DinoForUnsupervisedSegmentation),
+    (StegoConfig, StegoForUnsupervisedSegmentation),
+]
+
+
+def _register_auto_classes() -> None:
+    for config_class, model_class in _SEGMENTATION_MODELS:
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, model_class, exist_ok=True)
+        AutoModelForSemanticSegmentation.register(config_class, model_class, exist_ok=True)
+        AutoImageProcessor.register(
+            config_class, slow_image_processor_class=UnsupervisedSegmentationImageProcessor, exist_ok=True
+        )
+
+
+_register_auto_classes()
+
+__all__ = [
+    "ClusterProbe",
+    "DinoForUnsupervisedSegmentation",
+    "DinoSegmentationConfig",
+    "StegoConfig",
+    "StegoForUnsupervisedSegmentation",
+    "UnsupervisedSegmentationImageProcessor",
+    "UnsupervisedSegmentationPrediction",
+    "UnsupervisedSegmentationPreTrainedModel",
+    "UnsupervisedSegmenterOutput",
+]

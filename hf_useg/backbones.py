@@ -1,10 +1,11 @@
-"""Hugging Face backbones as dense feature extractors: pixels ``[B, 3, H, W]`` → feature map ``[B, C, H/p, W/p]``
-(+ CLS token and last-layer CLS attention), with DINO's exact position-embedding interpolation (METHODS 0.1).
+"""Hugging Face backbones as dense feature extractors: pixels ``[B, 3, H, W]`` → feature map
+``[B, C, H/p, W/p]`` (+ CLS token and last-layer CLS attention), with DINO's exact position-embedding
+interpolation (METHODS 0.1).
 
 Three families are wrapped behind one interface, [`FeatureBackbone`]:
 
-* **DINO v1 ViTs** (``model_type="vit"``, e.g. ``facebook/dino-vits8``): `ViTModel` without pooler. Features are
-  the patch tokens of the last block after the final LayerNorm (``last_hidden_state[:, 1:]``).
+* **DINO v1 ViTs** (``model_type="vit"``, e.g. ``facebook/dino-vits8``): `ViTModel` without pooler.
+  Features are the patch tokens of the last block after the final LayerNorm (``last_hidden_state[:, 1:]``).
 * **DINOv2 / DINOv3 ViTs** (``dinov2``, ``dinov2_with_registers``, ``dinov3_vit``): the base model from
   `AutoModel`; CLS and register tokens are dropped from the feature map.
 * **any other `AutoBackbone`** (ResNet, ConvNeXt, Swin, …): the feature map of the last stage; no CLS token.
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoBackbone, AutoConfig, AutoModel, PreTrainedConfig, ViTConfig, ViTModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
 from transformers.models.vit.modeling_vit import ViTEmbeddings
 from transformers.utils import ModelOutput, logging
@@ -49,8 +51,9 @@ DINO_LAYER_NORM_EPS = 1e-6
 
 # model types whose base model yields a token sequence [CLS, registers..., patches...]
 _TOKEN_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "dinov3_vit")
-# model types whose embeddings interpolate a learned position-embedding table (where the DINO formula applies);
-# dinov2_with_registers follows its release code (antialiased resize to the exact size) and dinov3 uses RoPE.
+# model types whose embeddings interpolate a learned position-embedding table (where the DINO formula
+# applies); dinov2_with_registers follows its release code (antialiased resize to the exact size) and dinov3
+# uses RoPE.
 _DINO_INTERPOLATION_MODEL_TYPES = ("vit", "dinov2")
 _INTERPOLATION_MODES = ("auto", "dino", "transformers")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
@@ -63,13 +66,13 @@ class BackboneFeatures(ModelOutput):
     """Output of [`FeatureBackbone`].
 
     Args:
-        feature_map (`torch.FloatTensor` of shape `(batch_size, hidden_size, height / patch_size, width / patch_size)`):
+        feature_map (`torch.FloatTensor` of shape `(batch_size, hidden_size, height // p, width // p)`):
             Patch tokens of the last layer after the final LayerNorm (ViTs), or the last stage's feature map.
         cls_token (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
             The CLS token after the final LayerNorm; `None` for backbones without one.
-        cls_attention (`torch.FloatTensor` of shape `(batch_size, num_heads, height / patch_size, width / patch_size)`, *optional*):
-            Last-layer attention of the CLS query to every patch key (the CLS and register keys are left out, so a
-            head's map sums to one minus the attention on those), when requested.
+        cls_attention (`torch.FloatTensor` of shape `(batch_size, num_heads, height // p, width // p)`):
+            *optional*. Last-layer attention of the CLS query to every patch key (the CLS and register keys
+            are left out, so a head's map sums to one minus the attention on those), when requested.
     """
 
     feature_map: torch.FloatTensor | None = None
@@ -82,11 +85,11 @@ def dino_interpolate_pos_encoding(
 ) -> torch.Tensor:
     """DINO's position-embedding interpolation (METHODS 0.1) for an input of ``height x width`` pixels.
 
-    ``position_embeddings`` ``[1, 1 + g*g, D]`` hold a CLS entry and a square ``g x g`` patch grid. For an input
-    grid ``h x w`` other than ``g x g`` the patch part is resized bicubically (``align_corners=False``) with
-    ``scale_factor=((h + 0.1) / g, (w + 0.1) / g)``: torch then uses that scale (not ``h / g``) to map output to
-    input coordinates, which is what makes DINO's features differ from a resize to ``size=(h, w)``. The
-    resize runs in float32. Returns ``[1, 1 + h*w, D]``; the input tensor itself when the grids match.
+    ``position_embeddings`` ``[1, 1 + g*g, D]`` hold a CLS entry and a square ``g x g`` patch grid. For an
+    input grid ``h x w`` other than ``g x g`` the patch part is resized bicubically (``align_corners=False``)
+    with ``scale_factor=((h + 0.1) / g, (w + 0.1) / g)``: torch then uses that scale (not ``h / g``) to map
+    output to input coordinates, which is what makes DINO's features differ from a resize to ``size=(h, w)``.
+    The resize runs in float32. Returns ``[1, 1 + h*w, D]``; the input tensor itself when the grids match.
 
     Example:
 
@@ -100,7 +103,8 @@ def dino_interpolate_pos_encoding(
     grid = math.isqrt(num_positions)
     if grid * grid != num_positions:
         raise ValueError(
-            f"DINO interpolation needs a square grid of position embeddings, got {num_positions} patch positions"
+            "DINO interpolation needs a square grid of position embeddings, "
+            f"got {num_positions} patch positions"
         )
     h, w = height // patch_h, width // patch_w
     if (h, w) == (grid, grid):
@@ -114,17 +118,21 @@ def dino_interpolate_pos_encoding(
         align_corners=False,
     ).to(position_embeddings.dtype)
     if patch_pos.shape[-2:] != (h, w):  # cannot happen thanks to the +0.1; kept as DINO's own assertion
-        raise RuntimeError(f"DINO interpolation produced a {tuple(patch_pos.shape[-2:])} grid instead of {(h, w)}")
+        raise RuntimeError(
+            f"DINO interpolation produced a {tuple(patch_pos.shape[-2:])} grid instead of {(h, w)}"
+        )
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, dim)
     return torch.cat([position_embeddings[:, :1], patch_pos], dim=1)
 
 
 class _DinoInterpolationMixin:
-    """Swaps an HF embeddings module's `interpolate_pos_encoding` for DINO's formula; parameters and their names
-    are untouched (only the module's class changes, see `FeatureBackbone._use_dino_interpolation`)."""
+    """Swaps an HF embeddings module's `interpolate_pos_encoding` for DINO's formula; parameters and their
+    names are untouched (only the module's class changes, see `FeatureBackbone._use_dino_interpolation`)."""
 
     def interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        return dino_interpolate_pos_encoding(self.position_embeddings, height, width, self.patch_embeddings.patch_size)
+        return dino_interpolate_pos_encoding(
+            self.position_embeddings, height, width, self.patch_embeddings.patch_size
+        )
 
 
 class DinoViTEmbeddings(_DinoInterpolationMixin, ViTEmbeddings):
@@ -187,7 +195,8 @@ def _apply_dino_eps(config: PreTrainedConfig, name_or_path: str, explicit: bool)
 def load_backbone_config(name_or_path: str, **overrides) -> PreTrainedConfig:
     """Load a backbone config from a Hub id or a local folder (`AutoConfig`). DINO v1 checkpoints
     (``model_type="vit"``) get ``layer_norm_eps=1e-6`` (with a warning when the stored value differs), unless
-    ``layer_norm_eps`` is among ``overrides``. ``overrides`` are config fields or Hub arguments (``revision``…).
+    ``layer_norm_eps`` is among ``overrides``. ``overrides`` are config fields or Hub arguments
+    (``revision``, …).
 
     Example:
 
@@ -219,11 +228,11 @@ class FeatureBackbone(nn.Module):
 
     Args:
         config (`PreTrainedConfig`):
-            A `ViTConfig` (DINO v1, wraps `ViTModel(add_pooling_layer=False)`), a DINOv2/DINOv3 config (wraps the
-            base model), or any config `AutoBackbone` accepts (the last stage is used).
+            A `ViTConfig` (DINO v1, wraps `ViTModel(add_pooling_layer=False)`), a DINOv2/DINOv3 config (wraps
+            the base model), or any config `AutoBackbone` accepts (the last stage is used).
         pos_embed_interpolation (`str`, *optional*, defaults to `"auto"`):
-            How position embeddings are resized for inputs other than the pretraining size: `"dino"` (METHODS 0.1,
-            DINO's ``scale_factor`` formula; for `vit` and `dinov2`), `"transformers"` (the model's own
+            How position embeddings are resized for inputs other than the pretraining size: `"dino"` (METHODS
+            0.1, DINO's ``scale_factor`` formula; for `vit` and `dinov2`), `"transformers"` (the model's own
             `interpolate_pos_encoding`) or `"auto"` (`"dino"` for `vit`, `"transformers"` otherwise).
         frozen (`bool`, *optional*, defaults to `False`):
             No gradients: parameters get ``requires_grad=False``, the module stays in eval mode when a parent
@@ -259,7 +268,8 @@ class FeatureBackbone(nn.Module):
             raise TypeError(f"config must be a transformers PreTrainedConfig, got {type(config).__name__}")
         if pos_embed_interpolation not in _INTERPOLATION_MODES:
             raise ValueError(
-                f"pos_embed_interpolation must be one of {_INTERPOLATION_MODES}, got {pos_embed_interpolation!r}"
+                f"pos_embed_interpolation must be one of {_INTERPOLATION_MODES}, got "
+                f"{pos_embed_interpolation!r}"
             )
         model_type = getattr(config, "model_type", "")
         self.is_token_model = model_type in _TOKEN_MODEL_TYPES
@@ -267,8 +277,9 @@ class FeatureBackbone(nn.Module):
             pos_embed_interpolation = "dino" if model_type == "vit" else "transformers"
         if pos_embed_interpolation == "dino" and model_type not in _DINO_INTERPOLATION_MODEL_TYPES:
             raise ValueError(
-                f"pos_embed_interpolation='dino' applies to {_DINO_INTERPOLATION_MODEL_TYPES} backbones (a learned "
-                f"square position-embedding grid), not to model_type {model_type!r}; use 'transformers' or 'auto'"
+                f"pos_embed_interpolation='dino' applies to {_DINO_INTERPOLATION_MODEL_TYPES} backbones (a "
+                f"learned square position-embedding grid), not to model_type {model_type!r}; use "
+                "'transformers' or 'auto'"
             )
         self.pos_embed_interpolation = pos_embed_interpolation
 
@@ -282,8 +293,9 @@ class FeatureBackbone(nn.Module):
                     model = AutoBackbone.from_config(_last_stage_config(config))
                 except ValueError as error:
                     raise ValueError(
-                        f"unsupported backbone config {type(config).__name__} (model_type {model_type!r}): expected "
-                        f"a ViT/DINOv2/DINOv3 config or one that transformers.AutoBackbone accepts ({error})"
+                        f"unsupported backbone config {type(config).__name__} (model_type {model_type!r}): "
+                        "expected a ViT/DINOv2/DINOv3 config or one that transformers.AutoBackbone accepts "
+                        f"({error})"
                     ) from error
         self.model = model
         self.config = model.config
@@ -313,7 +325,7 @@ class FeatureBackbone(nn.Module):
         if not isinstance(embeddings, tuple(_DINO_EMBEDDINGS.values())):
             raise ValueError(f"cannot use DINO interpolation with {type(embeddings).__name__}")
 
-    # ------------------------------------------------------------------------------------------------------------
+    # --------------------------------------------------------------------------------------------------------
     @property
     def patch_size(self) -> int:
         """The stride of the feature map in pixels (the patch size of a ViT)."""
@@ -344,7 +356,9 @@ class FeatureBackbone(nn.Module):
         size = size if isinstance(size, int) else 224
         size = max(size, 64)
         parameter = next(self.model.parameters())
-        dummy = torch.zeros(1, self.num_channels or 3, size, size, device=parameter.device, dtype=parameter.dtype)
+        dummy = torch.zeros(
+            1, self.num_channels or 3, size, size, device=parameter.device, dtype=parameter.dtype
+        )
         was_training = self.model.training
         self.model.eval()  # no BatchNorm statistics update from the probe
         try:
@@ -352,40 +366,46 @@ class FeatureBackbone(nn.Module):
         finally:
             self.model.train(was_training)
         if size % height != 0:
-            raise ValueError(f"cannot infer the stride of {type(self.model).__name__}: {size} px -> {height} rows")
+            raise ValueError(
+                f"cannot infer the stride of {type(self.model).__name__}: {size} px -> {height} rows"
+            )
         return size // height
 
     def train(self, mode: bool = True) -> FeatureBackbone:
         """Like `nn.Module.train`, but a frozen backbone always stays in eval mode."""
         return super().train(False if self.frozen else mode)
 
-    # ------------------------------------------------------------------------------------------------------------
+    # --------------------------------------------------------------------------------------------------------
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
         if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be 4-D [batch, channels, height, width], got {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must be 4-D [batch, channels, height, width], got {tuple(pixel_values.shape)}"
+            )
         if not pixel_values.is_floating_point():
             raise TypeError(
-                f"pixel_values must be a float tensor (normalised images), got {pixel_values.dtype}; use the image "
-                "processor to rescale and normalise uint8 images"
+                f"pixel_values must be a float tensor (normalised images), got {pixel_values.dtype}; use the "
+                "image processor to rescale and normalise uint8 images"
             )
         channels, height, width = pixel_values.shape[1:]
         if self.num_channels is not None and channels != self.num_channels:
-            raise ValueError(f"pixel_values have {channels} channels, the backbone config expects {self.num_channels}")
+            raise ValueError(
+                f"pixel_values have {channels} channels, the backbone config expects {self.num_channels}"
+            )
         patch = self.patch_size
         if height % patch or width % patch or height == 0 or width == 0:
             raise ValueError(
-                f"image size {height}x{width} is not a multiple of the patch size {patch}: crop or resize the "
-                f"images to multiples of {patch} (e.g. the image processor's size_divisor={patch})"
+                f"image size {height}x{width} is not a multiple of the patch size {patch}: crop or resize "
+                f"the images to multiples of {patch} (e.g. the image processor's size_divisor={patch})"
             )
         return height // patch, width // patch
 
     def forward(self, pixel_values: torch.Tensor, output_cls_attention: bool = False) -> BackboneFeatures:
         """Features of ``pixel_values`` ``[B, C_in, H, W]`` (``H``, ``W`` multiples of `patch_size`).
 
-        With ``output_cls_attention=True`` (ViTs only) the last layer's CLS→patch attention is returned too; the
-        model runs with eager attention for that call (SDPA cannot return attention weights).
+        With ``output_cls_attention=True`` (ViTs only) the last layer's CLS→patch attention is returned too;
+        the model runs with eager attention for that call (SDPA cannot return attention weights).
         """
         if self.frozen:
             with torch.no_grad():
@@ -396,7 +416,9 @@ class FeatureBackbone(nn.Module):
         h, w = self._check_pixel_values(pixel_values)
         if not self.is_token_model:
             if output_cls_attention:
-                raise ValueError(f"{type(self.model).__name__} has no CLS token: cls_attention is only for ViTs")
+                raise ValueError(
+                    f"{type(self.model).__name__} has no CLS token: cls_attention is only for ViTs"
+                )
             return BackboneFeatures(feature_map=self.model(pixel_values).feature_maps[-1])
 
         kwargs = {"interpolate_pos_encoding": True} if self.config.model_type == "vit" else {}
@@ -410,22 +432,32 @@ class FeatureBackbone(nn.Module):
         feature_map = patches.transpose(1, 2).reshape(batch, patches.shape[-1], h, w)
         cls_attention = None
         if attention is not None:
-            cls_attention = attention[:, :, 0, self._num_prefix_tokens :].reshape(batch, attention.shape[1], h, w)
+            cls_attention = attention[:, :, 0, self._num_prefix_tokens :].reshape(
+                batch, attention.shape[1], h, w
+            )
         return BackboneFeatures(feature_map=feature_map, cls_token=tokens[:, 0], cls_attention=cls_attention)
 
     def _last_attention_module(self) -> nn.Module:
         target = type(self.model)._can_record_outputs.get("attentions")
         target = getattr(target, "target_class", target)
-        modules = [module for module in self.model.modules() if isinstance(target, type) and isinstance(module, target)]
+        modules = [
+            module
+            for module in self.model.modules()
+            if isinstance(target, type) and isinstance(module, target)
+        ]
         if not modules:
             raise ValueError(f"cannot find the attention layers of {type(self.model).__name__}")
         return modules[-1]
 
-    def _run_with_last_attention(self, pixel_values: torch.Tensor, kwargs: dict) -> tuple[ModelOutput, torch.Tensor]:
-        # Only the last layer's weights are kept (a forward hook), instead of output_attentions=True which would
-        # hold every layer's [B, heads, N, N] matrix.
+    def _run_with_last_attention(
+        self, pixel_values: torch.Tensor, kwargs: dict
+    ) -> tuple[ModelOutput, torch.Tensor]:
+        # Only the last layer's weights are kept (a forward hook), instead of output_attentions=True which
+        # would hold every layer's [B, heads, N, N] matrix.
         captured = []
-        handle = self._last_attention_module().register_forward_hook(lambda module, args, out: captured.append(out[1]))
+        handle = self._last_attention_module().register_forward_hook(
+            lambda module, args, out: captured.append(out[1])
+        )
         previous = self.model.config._attn_implementation
         try:
             if previous != "eager":
@@ -436,19 +468,21 @@ class FeatureBackbone(nn.Module):
             if previous != "eager":
                 self.model.set_attn_implementation(previous)
         if not captured or captured[-1] is None:
-            raise RuntimeError(f"{type(self.model).__name__} returned no attention weights with eager attention")
+            raise RuntimeError(
+                f"{type(self.model).__name__} returned no attention weights with eager attention"
+            )
         return outputs, captured[-1]
 
-    # ------------------------------------------------------------------------------------------------------------
+    # --------------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
         cls, name_or_path: str, pos_embed_interpolation: str = "auto", frozen: bool = False, **kwargs
     ) -> FeatureBackbone:
-        """Load config and weights from a Hub id or a local folder: `ViTModel` for ``model_type="vit"`` (DINO v1,
-        with ``layer_norm_eps=1e-6``, see [`load_backbone_config`]), the base model for DINOv2/DINOv3, otherwise
-        `AutoBackbone`. ``kwargs`` go to the model's ``from_pretrained`` (``dtype``, ``revision``, …); Hub
-        arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``, …) are used for the config too,
-        and ``layer_norm_eps`` overrides the config's.
+        """Load config and weights from a Hub id or a local folder: `ViTModel` for ``model_type="vit"``
+        (DINO v1, with ``layer_norm_eps=1e-6``, see [`load_backbone_config`]), the base model for
+        DINOv2/DINOv3, otherwise `AutoBackbone`. ``kwargs`` go to the model's ``from_pretrained`` (``dtype``,
+        ``revision``, …); Hub arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``, …) are
+        used for the config too, and ``layer_norm_eps`` overrides the config's.
 
         Example:
 
@@ -466,5 +500,13 @@ class FeatureBackbone(nn.Module):
         elif model_type in _TOKEN_MODEL_TYPES:
             model = AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
         else:
-            model = AutoBackbone.from_pretrained(name_or_path, config=_last_stage_config(config), **kwargs)
+            # AutoBackbone.from_pretrained itself asks the Hub whether the repo exists (fails offline and for
+            # local folders in transformers 5.x), so resolve the backbone class from the config instead.
+            if type(config) not in MODEL_FOR_BACKBONE_MAPPING:
+                raise ValueError(
+                    f"unsupported backbone {name_or_path!r} (model_type {model_type!r}): expected a "
+                    "ViT/DINOv2/DINOv3 checkpoint or one that transformers.AutoBackbone accepts"
+                )
+            backbone_class = MODEL_FOR_BACKBONE_MAPPING[type(config)]
+            model = backbone_class.from_pretrained(name_or_path, config=_last_stage_config(config), **kwargs)
         return cls(model.config, pos_embed_interpolation=pos_embed_interpolation, frozen=frozen, model=model)

@@ -81,9 +81,11 @@ def _as_int_tensor(x: Any, name: str, device: torch.device | None) -> torch.Tens
         if array.dtype.type not in _TORCH_NATIVE_NUMPY_INTS:
             array = array.astype(np.int64)
         tensor = torch.as_tensor(np.ascontiguousarray(array))
+    if tensor.dtype == torch.bool:
+        tensor = tensor.to(torch.uint8)
     # Move the (usually narrow) input first, widen on the target device.
     if device is not None and tensor.device != device:
-        tensor = tensor.to(device, non_blocking=True)
+        tensor = tensor.to(device)
     return tensor
 
 
@@ -105,8 +107,8 @@ def _flat_counts(
 ) -> torch.Tensor:
     """Flat histogram of length `num_clusters * num_classes + 1`; the last bin counts ignored pixels.
 
-    Ignored pixels go to an extra bin instead of being masked out, which keeps the whole update free of
-    host-device synchronisations on GPU (boolean indexing would need one).
+    Ignored pixels go to an extra bin instead of being masked out: boolean indexing would cost a host-device
+    synchronisation on GPU (the range check of the predictions is then the update's only one).
     """
     preds = preds.reshape(-1).long()
     labels = labels.reshape(-1).long()

@@ -101,6 +101,24 @@ class UnsupervisedSegmentationPreTrainedModel(PreTrainedModel):
     # ----------------------------------------------------------------------------------------------------------
     # construction helpers
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint of another method with a clear error (instead
+        of transformers' warning followed by a confusing shape error)."""
+        expected = getattr(cls.config_class, "model_type", None)
+        if expected and kwargs.get("config") is None and pretrained_model_name_or_path is not None:
+            try:
+                config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path)
+            except (OSError, ValueError):
+                config_dict = {}
+            found = config_dict.get("model_type")
+            if found and found != expected:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} holds a `{found}` model, not a `{expected}` one: load it with "
+                    f"AutoModel.from_pretrained (after `import hf_useg`) or the matching class, or convert it first"
+                )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
     def from_pretrained_backbone(
         cls, backbone: str, config: PreTrainedConfig | None = None, **config_kwargs
     ) -> UnsupervisedSegmentationPreTrainedModel:

@@ -3,14 +3,14 @@ DINO/STEGO checkpoint converters.
 
 Written from METHODS.md section 0.1 (not from transformers), with the parameter names of DINO's / timm's
 `VisionTransformer` so that its `state_dict()` looks exactly like the backbone part of a DINO or STEGO
-checkpoint: ``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.i.{norm1, attn.qkv, attn.proj, norm2,
-mlp.fc1, mlp.fc2}.*``, ``norm.*``.
+checkpoint: ``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.i.{norm1, attn.qkv, attn.proj,
+norm2, mlp.fc1, mlp.fc2}.*``, ``norm.*``.
 
 * pre-norm blocks, ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``, LayerNorm eps 1e-6, exact (erf) GELU;
 * one fused ``qkv`` projection whose output rows are ``[q; k; v]``, each split into heads;
-* position embeddings for a square grid of ``g x g`` patches; for another input grid ``h x w`` the patch part is
-  resized bicubically (``align_corners=False``) with ``scale_factor=((h + 0.1) / g, (w + 0.1) / g)`` (so the
-  output size is ``floor(scale * g)``), and used unchanged when ``(h, w) == (g, g)``;
+* position embeddings for a square grid of ``g x g`` patches; for another input grid ``h x w`` the patch
+  part is resized bicubically (``align_corners=False``) with ``scale_factor=((h + 0.1) / g, (w + 0.1) / g)``
+  (so the output size is ``floor(scale * g)``), and used unchanged when ``(h, w) == (g, g)``;
 * features = the output of the last block after the final LayerNorm.
 
 Example:
@@ -104,7 +104,9 @@ class ReferenceDinoViT(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid + 1, embed_dim))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps) for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps) for _ in range(depth)]
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
 
     @torch.no_grad()
@@ -131,7 +133,10 @@ class ReferenceDinoViT(nn.Module):
         cls_pos = self.pos_embed[:, :1]
         grid = self.pos_embed[:, 1:].reshape(1, self.grid, self.grid, dim).permute(0, 3, 1, 2)
         grid = F.interpolate(
-            grid, scale_factor=((h + 0.1) / self.grid, (w + 0.1) / self.grid), mode="bicubic", align_corners=False
+            grid,
+            scale_factor=((h + 0.1) / self.grid, (w + 0.1) / self.grid),
+            mode="bicubic",
+            align_corners=False,
         )
         assert grid.shape[-2:] == (h, w), grid.shape
         return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, h * w, dim)], dim=1)

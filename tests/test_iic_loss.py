@@ -254,12 +254,24 @@ def test_perfect_agreement_two_clusters_is_minus_ln2(uncollapsed):
     assert loss.item() != pytest.approx(-math.log(2), rel=1e-15, abs=1e-17)  # the clamp terms are there
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_collapsed_single_cluster_clamp_terms(dtype):
+    # every pixel in cluster 0: P = [[1, 0], [0, 0]], unclamped marginals (1, 0) -> clamped (1, eps).
+    # I = P00·0 + P01 (ln eps − ln 1 − ln eps) + P10 (…) + P11 (ln eps − 2 ln eps) = −eps ln eps,
+    # so loss = eps ln eps ≈ −8.0e-15 — in float32 too, since the clamp is float64's eps (float32's
+    # eps 1.19e-7 would give −1.9e-6; marginals from the clamped P would give another value).
+    x = one_hot_maps([[[0, 0], [0, 0]]], 2).to(dtype)
+    loss, _ = iic_segmentation_loss(x, x.clone())
+    assert loss.dtype == dtype
+    assert loss.item() == pytest.approx(EPS * math.log(EPS), rel=1e-6, abs=0)
+
+
 def test_independent_views_give_zero_and_lambda_adds_entropy():
     # uniform outputs: P = 1/4 everywhere, p = 1/2: I(λ) = ln(1/4) − 2λ ln(1/2) = (2λ − 2) ln 2
     x = torch.full((1, 2, 3, 3), 0.5, dtype=torch.float64)
     loss, loss_no_lamb = iic_segmentation_loss(x, x.clone(), lamb=1.5, displacement=1)
     assert loss_no_lamb.item() == pytest.approx(0.0, abs=1e-15)
-    assert loss.item() == pytest.approx(-math.log(2), rel=1e-14)
+    assert loss.item() == pytest.approx(-math.log(2), rel=1e-14, abs=0)
 
 
 def test_hand_computed_displacements_checkerboard():
@@ -272,7 +284,7 @@ def test_hand_computed_displacements_checkerboard():
     i_agree = math.log(2) + 2 * EPS * (math.log(EPS) + 2 * math.log(2))
     i_single = -EPS * math.log(EPS)
     loss, _ = iic_segmentation_loss(x, x.clone(), displacement=1, uncollapsed=True)
-    assert loss.item() == pytest.approx(-(5 * i_agree + 4 * i_single) / 9, rel=1e-14)
+    assert loss.item() == pytest.approx(-(5 * i_agree + 4 * i_single) / 9, rel=1e-15, abs=1e-17)
     loss, _ = iic_segmentation_loss(x, x.clone(), displacement=1, uncollapsed=False)
     assert loss.item() == pytest.approx(0.0, abs=1e-15)
 
@@ -284,7 +296,8 @@ def test_hand_computed_condensed_row_displacement():
     loss, _ = iic_segmentation_loss(x, x.clone(), displacement=1, uncollapsed=False)
     assert loss.item() == pytest.approx(0.0, abs=1e-15)
     loss, _ = iic_segmentation_loss(x, x.clone(), displacement=0, uncollapsed=False)
-    assert loss.item() == pytest.approx(-math.log(2), rel=1e-13)
+    expected = -(math.log(2) + 2 * EPS * (math.log(EPS) + 2 * math.log(2)))
+    assert loss.item() == pytest.approx(expected, rel=1e-15, abs=1e-17)
 
 
 def test_hflip_realigns_view2():
@@ -296,7 +309,7 @@ def test_hflip_realigns_view2():
     aligned, _ = iic_segmentation_loss(x1, x1.clone(), displacement=1)
     flipped, _ = iic_segmentation_loss(x1, x1.flip(-1), affine2_to_1=theta, displacement=1)
     unaligned, _ = iic_segmentation_loss(x1, x1.flip(-1), displacement=1)
-    assert flipped.item() == pytest.approx(aligned.item(), rel=1e-12)
+    assert flipped.item() == pytest.approx(aligned.item(), rel=1e-12, abs=0)
     assert unaligned.item() > aligned.item() + 0.01
 
 
@@ -308,7 +321,7 @@ def test_mask_zeroes_pixels():
     mask[:, :, 2:] = 0
     with_mask, _ = iic_segmentation_loss(x1, x2, mask=mask)
     cropped, _ = iic_segmentation_loss(x1[..., :2].contiguous(), x2[..., :2].contiguous())
-    assert with_mask.item() == pytest.approx(cropped.item(), rel=1e-12)
+    assert with_mask.item() == pytest.approx(cropped.item(), rel=1e-12, abs=0)
     x1 = x1.detach().requires_grad_(True)
     loss, _ = iic_segmentation_loss(x1, x2, mask=mask)
     (grad,) = torch.autograd.grad(loss, x1)
@@ -374,11 +387,11 @@ def test_eps_is_float64_machine_epsilon_even_in_float32():
     assert IIC_EPS == EPS
     # 2.22e-16 is a normal float32 (not float32's own epsilon 1.19e-7): the clamp changes a float32 value
     # only below 2.22e-16, so a joint entry of 1e-10 is used as is and one of 0 becomes 2.22e-16.
-    assert torch.tensor(IIC_EPS, dtype=torch.float32).item() == pytest.approx(EPS, rel=1e-7)
+    assert torch.tensor(IIC_EPS, dtype=torch.float32).item() == pytest.approx(EPS, rel=1e-7, abs=0)
     x1 = one_hot_maps([[[0]], [[1]]], 2).float()
     loss32, _ = iic_segmentation_loss(x1, x1.clone())
     loss64, _ = iic_segmentation_loss(x1.double(), x1.double())
-    assert loss32.item() == pytest.approx(loss64.item(), rel=1e-7)
+    assert loss32.item() == pytest.approx(loss64.item(), rel=1e-6, abs=0)
 
 
 def test_lambda_one_returns_equal_pair_and_gradients_flow():

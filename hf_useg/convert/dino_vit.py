@@ -1,9 +1,10 @@
 """DINO / timm ViT weights ⇄ transformers-5 `ViTModel` weights.
 
 DINO v1 checkpoints (and the backbone part of STEGO's Lightning checkpoints, under ``net.model.``) use the
-parameter names of DINO's / timm's `VisionTransformer`. This module renames them for `ViTModel` (the model that
-[`~hf_useg.backbones.FeatureBackbone`] wraps for ``model_type="vit"``), splits the fused ``qkv`` projection into
-``q_proj``/``k_proj``/``v_proj`` (rows ``[q; k; v]``, METHODS 1.5), and infers the `ViTConfig` from the tensors.
+parameter names of DINO's / timm's `VisionTransformer`. This module renames them for `ViTModel` (the model
+that [`~hf_useg.backbones.FeatureBackbone`] wraps for ``model_type="vit"``), splits the fused ``qkv``
+projection into ``q_proj``/``k_proj``/``v_proj`` (rows ``[q; k; v]``, METHODS 1.5), and infers the `ViTConfig`
+from the tensors.
 
 | DINO / timm                     | transformers 5 `ViTModel`                                   |
 |---------------------------------|-------------------------------------------------------------|
@@ -45,7 +46,7 @@ __all__ = [
     "vit_config_from_dino_state_dict",
 ]
 
-# DINO name (after the block prefix) -> ViTModel name; "attn.qkv" is handled separately (it is split in three).
+# DINO name (after the block prefix) -> ViTModel name; "attn.qkv" is handled separately (split in three).
 _BLOCK_RENAMES = {
     "norm1": "layernorm_before",
     "attn.proj": "attention.o_proj",
@@ -68,7 +69,9 @@ _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 def _strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping of parameter names to tensors, got {type(state_dict).__name__}")
+        raise TypeError(
+            f"state_dict must be a mapping of parameter names to tensors, got {type(state_dict).__name__}"
+        )
     stripped = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
     if not stripped:
         sample = ", ".join(list(state_dict)[:5])
@@ -85,17 +88,19 @@ def _check_dino(weights: Mapping[str, torch.Tensor], prefix: str) -> None:
         sample = ", ".join(list(weights)[:5])
         raise KeyError(
             f"not a DINO/timm ViT state dict: missing {[prefix + key for key in missing]} (keys under prefix "
-            f"{prefix!r} start with: {sample}). Pass prefix= for nested checkpoints, e.g. 'net.model.' for STEGO."
+            f"{prefix!r} start with: {sample}). Pass prefix= for nested checkpoints ('net.model.' for STEGO)."
         )
 
 
-def convert_dino_vit_state_dict(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+def convert_dino_vit_state_dict(
+    state_dict: Mapping[str, torch.Tensor], prefix: str = ""
+) -> dict[str, torch.Tensor]:
     """Rename a DINO/timm ViT state dict (keys under ``prefix``) to transformers-5 `ViTModel` names.
 
-    Keys outside ``prefix`` are ignored (e.g. a STEGO checkpoint's heads when ``prefix="net.model."``); every key
-    inside it must be a ViT backbone weight, otherwise a `ValueError` lists the unknown ones. The fused
-    ``qkv`` weight ``[3D, D]`` (bias ``[3D]``) is split into rows ``[0, D)`` → q, ``[D, 2D)`` → k, ``[2D, 3D)`` → v.
-    Returned tensors are fresh, contiguous copies (safe for `safetensors`).
+    Keys outside ``prefix`` are ignored (e.g. a STEGO checkpoint's heads when ``prefix="net.model."``); every
+    key inside it must be a ViT backbone weight, otherwise a `ValueError` lists the unknown ones. The fused
+    ``qkv`` weight ``[3D, D]`` (bias ``[3D]``) is split into rows ``[0, D)`` → q, ``[D, 2D)`` → k,
+    ``[2D, 3D)`` → v. Returned tensors are fresh, contiguous copies (safe for `safetensors`).
 
     Example:
 
@@ -133,10 +138,12 @@ def convert_dino_vit_state_dict(state_dict: Mapping[str, torch.Tensor], prefix: 
     return converted
 
 
-def convert_vit_state_dict_to_dino(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+def convert_vit_state_dict_to_dino(
+    state_dict: Mapping[str, torch.Tensor], prefix: str = ""
+) -> dict[str, torch.Tensor]:
     """The inverse of [`convert_dino_vit_state_dict`]: transformers-5 `ViTModel` names (under ``prefix``, e.g.
-    ``"backbone.model."``) back to DINO/timm names, with q/k/v concatenated into ``qkv``. The pooler, if present,
-    is dropped (DINO has none).
+    ``"backbone.model."``) back to DINO/timm names, with q/k/v concatenated into ``qkv``. The pooler, if
+    present, is dropped (DINO has none).
 
     Example:
 
@@ -200,21 +207,28 @@ def vit_config_from_dino_state_dict(
     """
     weights = _strip_prefix(state_dict, prefix)
     _check_dino(weights, prefix)
-    cls_token, pos_embed, proj = weights["cls_token"], weights["pos_embed"], weights["patch_embed.proj.weight"]
+    cls_token, pos_embed, proj = (
+        weights["cls_token"],
+        weights["pos_embed"],
+        weights["patch_embed.proj.weight"],
+    )
     if cls_token.dim() != 3 or cls_token.shape[:2] != (1, 1):
-        raise ValueError(f"{prefix}cls_token has shape {tuple(cls_token.shape)}, expected (1, 1, hidden_size)")
+        raise ValueError(
+            f"{prefix}cls_token has shape {tuple(cls_token.shape)}, expected (1, 1, hidden_size)"
+        )
     hidden_size = cls_token.shape[-1]
     if proj.dim() != 4 or proj.shape[0] != hidden_size or proj.shape[2] != proj.shape[3]:
         raise ValueError(
-            f"{prefix}patch_embed.proj.weight has shape {tuple(proj.shape)}, expected ({hidden_size}, C, p, p)"
+            f"{prefix}patch_embed.proj.weight has shape {tuple(proj.shape)}, "
+            f"expected ({hidden_size}, C, p, p)"
         )
     num_channels, patch_size = proj.shape[1], proj.shape[2]
     num_positions = pos_embed.shape[1] - 1
     grid = math.isqrt(num_positions)
     if pos_embed.dim() != 3 or grid * grid != num_positions or pos_embed.shape[-1] != hidden_size:
         raise ValueError(
-            f"{prefix}pos_embed has shape {tuple(pos_embed.shape)}: expected (1, 1 + g*g, {hidden_size}) "
-            "for a square grid of g x g patches"
+            f"{prefix}pos_embed has shape {tuple(pos_embed.shape)}: expected (1, 1 + g*g, {hidden_size}) for "
+            "a square grid of g x g patches"
         )
     block_ids = {int(m.group(1)) for m in map(_BLOCK_KEY.match, weights) if m is not None}
     if not block_ids or block_ids != set(range(len(block_ids))):
@@ -225,7 +239,8 @@ def vit_config_from_dino_state_dict(
         raise KeyError(f"not a DINO/timm ViT state dict: missing {prefix}blocks.0.mlp.fc1.weight")
     if "num_attention_heads" not in overrides and hidden_size % 64 != 0:
         raise ValueError(
-            f"hidden size {hidden_size} is not a multiple of 64 (DINO's head width): pass num_attention_heads="
+            f"hidden size {hidden_size} is not a multiple of 64 (DINO's head width): "
+            "pass num_attention_heads="
         )
     kwargs = {
         "hidden_size": hidden_size,

@@ -1,7 +1,5 @@
 """Configuration of the zero-training DINO segmentation baselines (METHODS 4.2)."""
 
-from __future__ import annotations
-
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec

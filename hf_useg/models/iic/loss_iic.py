@@ -167,7 +167,7 @@ def iic_segmentation_loss(
 
     if affine2_to_1 is not None:
         theta = affine2_to_1.to(device=x2.device, dtype=x2.dtype)
-        grid = F.affine_grid(theta, list(x2.shape), align_corners=True)
+        grid = F.affine_grid(theta, list(x2.shape), align_corners=False)
         x2 = F.grid_sample(x2, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if mask is not None:
         mask = mask.to(device=x1.device, dtype=x1.dtype).unsqueeze(1)

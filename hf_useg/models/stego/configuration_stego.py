@@ -131,15 +131,15 @@ class StegoConfig(PreTrainedConfig):
     default: the defaults are the released COCO-Stuff-27 model (DINO ViT-B/8, METHODS 1.2), and
     [`StegoConfig.for_dataset`] gives the other released settings.
 
-    `config.id2label` names the `num_clusters` cluster-probe outputs (`"cluster_0"`, ... by default; replace the
-    names with matched class names after evaluation). `config.num_labels` is therefore `num_clusters`, which is
-    what the `image-segmentation` pipeline reads from `logits`. Passing an `id2label` (or `num_labels`) of
-    another length is an error.
+    `config.id2label` names the `num_clusters` cluster-probe outputs (`"cluster_0"`, ... by default; replace
+    the names with matched class names after evaluation). `config.num_labels` is therefore `num_clusters`,
+    which is what the `image-segmentation` pipeline reads from `logits`. Passing an `id2label` (or
+    `num_labels`) of another length is an error.
 
     Args:
         backbone_config (`dict` or `PreTrainedConfig`, *optional*):
-            Config of the frozen backbone. Defaults to DINO ViT-B/8 (`ViTConfig` with `layer_norm_eps=1e-6`). A
-            dict without `model_type` is read as overrides of that default ViT-B/8 config.
+            Config of the frozen backbone. Defaults to DINO ViT-B/8 (`ViTConfig` with `layer_norm_eps=1e-6`).
+            A dict without `model_type` is read as overrides of that default ViT-B/8 config.
         pos_embed_interpolation (`str`, *optional*, defaults to `"auto"`):
             How position embeddings are resized for inputs other than the backbone's image size: `"dino"`
             (DINO's formula, METHODS 0.1), `"transformers"` or `"auto"` (DINO's formula for ViT backbones).
@@ -154,7 +154,8 @@ class StegoConfig(PreTrainedConfig):
         extra_clusters (`int`, *optional*, defaults to 0):
             Clusters of the cluster probe beyond `num_classes`.
         projection_type (`str`, *optional*, defaults to `"nonlinear"`):
-            `"nonlinear"`: code = linear 1x1 conv + (1x1 conv, ReLU, 1x1 conv); `"linear"`: the linear part only.
+            `"nonlinear"`: code = linear 1x1 conv + (1x1 conv, ReLU, 1x1 conv); `"linear"`: the linear part
+            only.
         dropout (`float`, *optional*, defaults to 0.1):
             `Dropout2d` probability on the backbone features in training.
         correspondence_weight (`float`, *optional*, defaults to 1.0):
@@ -212,7 +213,9 @@ class StegoConfig(PreTrainedConfig):
 
     model_type = "stego"
     sub_configs_defaults = {
-        "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="vit", init_kwargs=DINO_VIT_BASE_8),
+        "backbone_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="vit", init_kwargs=DINO_VIT_BASE_8
+        ),
     }
 
     backbone_config: dict | PreTrainedConfig | None = None
@@ -267,7 +270,8 @@ class StegoConfig(PreTrainedConfig):
         if num_labels is not None and num_labels != num_clusters:
             raise ValueError(
                 f"num_labels ({num_labels}) must equal num_clusters = num_classes + extra_clusters "
-                f"({self.num_classes} + {self.extra_clusters} = {num_clusters}); set num_classes/extra_clusters instead"
+                f"({self.num_classes} + {self.extra_clusters} = {num_clusters}); "
+                "set num_classes/extra_clusters instead"
             )
         if self.id2label is None:
             self.id2label = {i: f"cluster_{i}" for i in range(num_clusters)}
@@ -284,7 +288,9 @@ class StegoConfig(PreTrainedConfig):
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"StegoConfig.{name} must be a number, got {value!r} ({type(value).__name__})")
+                raise TypeError(
+                    f"StegoConfig.{name} must be a number, got {value!r} ({type(value).__name__})"
+                )
             if isinstance(value, int):
                 setattr(self, name, float(value))
         for name in _INT_FIELDS:
@@ -302,7 +308,9 @@ class StegoConfig(PreTrainedConfig):
 
     def _check_values(self) -> None:
         if self.projection_type not in _PROJECTION_TYPES:
-            raise ValueError(f"projection_type must be one of {_PROJECTION_TYPES}, got {self.projection_type!r}")
+            raise ValueError(
+                f"projection_type must be one of {_PROJECTION_TYPES}, got {self.projection_type!r}"
+            )
         if self.pos_embed_interpolation not in _POS_EMBED_INTERPOLATIONS:
             raise ValueError(
                 f"pos_embed_interpolation must be one of {_POS_EMBED_INTERPOLATIONS}, "
@@ -363,4 +371,3 @@ class StegoConfig(PreTrainedConfig):
         kwargs = copy.deepcopy(_PRESETS[name])
         kwargs.update(overrides)
         return cls(**kwargs)
-

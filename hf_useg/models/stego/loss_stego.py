@@ -1,9 +1,9 @@
 """STEGO's contrastive correlation loss (METHODS 1.2).
 
 The frozen backbone's feature correlations between sampled points of two images supervise the correlations of
-the learned code at the same points: pairs whose features correlate more than a shift ``b`` are pulled together,
-the others pushed apart. Three pair types are used: an image with itself, with its kNN partner and with random
-other images of the batch.
+the learned code at the same points: pairs whose features correlate more than a shift ``b`` are pulled
+together, the others pushed apart. Three pair types are used: an image with itself, with its kNN partner and
+with random other images of the batch.
 
 Example:
 
@@ -46,6 +46,8 @@ def norm(t: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     Example:
 
     ```python
+    >>> import torch
+    >>> from hf_useg.models.stego.loss_stego import norm
     >>> norm(torch.tensor([[3.0, 4.0]]).view(1, 2, 1, 1)).flatten().tolist()
     [0.6000000238418579, 0.800000011920929]
     ```
@@ -65,6 +67,8 @@ def tensor_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Example:
 
     ```python
+    >>> import torch
+    >>> from hf_useg.models.stego.loss_stego import tensor_correlation
     >>> a = torch.randn(2, 4, 3, 3)
     >>> tensor_correlation(a, a).shape
     torch.Size([2, 3, 3, 3, 3])
@@ -91,6 +95,8 @@ def sample_grid(t: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     Example:
 
     ```python
+    >>> import torch
+    >>> from hf_useg.models.stego.loss_stego import sample_grid
     >>> t = torch.arange(6.0).view(1, 1, 2, 3)                   # rows [0, 1, 2], [3, 4, 5]
     >>> coords = torch.tensor([[[[-1.0, -1.0], [1.0, -1.0]]]])   # top-left, top-right
     >>> sample_grid(t, coords).flatten().tolist()                # output [1, 1, 2, 1]
@@ -111,6 +117,7 @@ def super_perm(size: int, device: torch.device | str | None = None, generator: t
     Example:
 
     ```python
+    >>> from hf_useg.models.stego.loss_stego import super_perm
     >>> super_perm(2).tolist()        # the only choice for two items
     [1, 0]
     ```
@@ -134,8 +141,8 @@ class StegoLossOutput(ModelOutput):
             Unweighted mean of the kNN-pair term.
         neg_inter (`torch.FloatTensor` of shape `()`):
             Unweighted mean of the random-pair term over all ``neg_samples`` pairings.
-        pos_intra_correlation, pos_inter_correlation (`torch.FloatTensor` of shape `[N, S, S, S, S]`, *optional*):
-            The clamped code correlations of the self and kNN pairs (with ``output_correlations=True``).
+        pos_intra_correlation, pos_inter_correlation (`torch.FloatTensor` of shape `[N, S, S, S, S]`):
+            The clamped code correlations of the self and kNN pairs (only with ``output_correlations=True``).
         neg_inter_correlation (`torch.FloatTensor` of shape `[P, N, S, S, S, S]`, *optional*):
             The clamped code correlations of the ``P`` random pairings.
     """
@@ -162,15 +169,15 @@ class StegoCorrelationLoss(nn.Module):
     """STEGO's contrastive correlation loss (METHODS 1.2). Has no parameters.
 
     For a pair of sampled maps ``(f1, f2, c1, c2)`` and a shift ``b``:
-    ``F = corr(norm f1, norm f2)`` (without gradient; with ``pointwise`` each ``F[n, h, w]`` row is centred over
-    the partner's positions and the global mean added back), ``S = corr(norm c1, norm c2)`` and
+    ``F = corr(norm f1, norm f2)`` (without gradient; with ``pointwise`` each ``F[n, h, w]`` row is centred
+    over the partner's positions and the global mean added back), ``S = corr(norm c1, norm c2)`` and
     ``loss = -clamp(S, min=0 if zero_clamp else -9999, max=0.8 if stabilize else None) * (F - b)``.
 
     Args:
         config ([`StegoConfig`]):
-            Reads `pos_intra_weight`, `pos_inter_weight`, `neg_inter_weight`, `pos_intra_shift`, `pos_inter_shift`,
-            `neg_inter_shift`, `pointwise`, `zero_clamp`, `stabilize`, `feature_samples`, `neg_samples` and
-            `correspondence_weight` at every call (so changing the config changes the loss).
+            Reads `pos_intra_weight`, `pos_inter_weight`, `neg_inter_weight`, `pos_intra_shift`,
+            `pos_inter_shift`, `neg_inter_shift`, `pointwise`, `zero_clamp`, `stabilize`, `feature_samples`,
+            `neg_samples` and `correspondence_weight` at every call (so changing the config changes the loss).
 
     Example:
 
@@ -197,9 +204,14 @@ class StegoCorrelationLoss(nn.Module):
         return correlation.clamp(min_value, max_value)
 
     def _pair_loss(
-        self, feats1: torch.Tensor, feats2: torch.Tensor, code1: torch.Tensor, code2: torch.Tensor, shift: float
+        self,
+        feats1: torch.Tensor,
+        feats2: torch.Tensor,
+        code1: torch.Tensor,
+        code2: torch.Tensor,
+        shift: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-element loss ``[N, S, S, S, S]`` and clamped code correlation of sampled maps (already normalised)."""
+        """Per-element loss ``[N, S, S, S, S]`` and clamped code correlation of sampled, normalised maps."""
         with torch.no_grad():
             fd = tensor_correlation(feats1, feats2)
             if self.config.pointwise:
@@ -238,7 +250,12 @@ class StegoCorrelationLoss(nn.Module):
             output_correlations (`bool`, *optional*, defaults to `False`):
                 Also return the clamped code correlations.
         """
-        for name, t in (("features", features), ("features_pos", features_pos), ("code", code), ("code_pos", code_pos)):
+        for name, t in (
+            ("features", features),
+            ("features_pos", features_pos),
+            ("code", code),
+            ("code_pos", code_pos),
+        ):
             _check_map(name, t)
         batch_size = features.shape[0]
         for name, t in (("features_pos", features_pos), ("code", code), ("code_pos", code_pos)):
@@ -253,10 +270,11 @@ class StegoCorrelationLoss(nn.Module):
 
         device = features.device
         num_samples = self.config.feature_samples
+        coords_shape = (batch_size, num_samples, num_samples, 2)
         if coords1 is None:
-            coords1 = torch.rand(batch_size, num_samples, num_samples, 2, device=device, generator=generator) * 2 - 1
+            coords1 = torch.rand(coords_shape, device=device, generator=generator) * 2 - 1
         if coords2 is None:
-            coords2 = torch.rand(batch_size, num_samples, num_samples, 2, device=device, generator=generator) * 2 - 1
+            coords2 = torch.rand(coords_shape, device=device, generator=generator) * 2 - 1
         for name, coords in (("coords1", coords1), ("coords2", coords2)):
             if (
                 not isinstance(coords, torch.Tensor)
@@ -274,49 +292,56 @@ class StegoCorrelationLoss(nn.Module):
                 [super_perm(batch_size, device, generator) for _ in range(self.config.neg_samples)]
             )
         if not isinstance(neg_perms, torch.Tensor) or neg_perms.ndim != 2 or neg_perms.shape[1] != batch_size:
-            shape = tuple(neg_perms.shape) if isinstance(neg_perms, torch.Tensor) else type(neg_perms).__name__
+            shape = (
+                tuple(neg_perms.shape) if isinstance(neg_perms, torch.Tensor) else type(neg_perms).__name__
+            )
             raise ValueError(f"neg_perms must be [num_pairings, N={batch_size}], got {shape}")
         if neg_perms.dtype != torch.long:
             raise TypeError(f"neg_perms must be a long tensor, got {neg_perms.dtype}")
         if neg_perms.shape[0] < 1:
             raise ValueError("neg_perms must hold at least one pairing")
         if neg_perms.min() < 0 or neg_perms.max() >= batch_size:
-            raise ValueError(f"neg_perms values must be in [0, {batch_size}), got {neg_perms.min()}..{neg_perms.max()}")
+            raise ValueError(
+                f"neg_perms values must be in [0, {batch_size}), got {neg_perms.min()}..{neg_perms.max()}"
+            )
 
-        num_perms = neg_perms.shape[0]
         neg_perms = neg_perms.to(device)
         coords1 = coords1.to(device=device, dtype=torch.float32)
         coords2 = coords2.to(device=device, dtype=torch.float32)
-        # The loss is defined in float32; under autocast the correlations would otherwise run in half precision.
+        # The loss is defined in float32; under autocast the correlations would otherwise run in half
+        # precision.
         with torch.autocast(device_type=device.type, enabled=False):
             features, features_pos = features.float(), features_pos.float()
             code, code_pos = code.float(), code_pos.float()
             with torch.no_grad():
                 feats = norm(sample_grid(features, coords1))
                 feats_pos = norm(sample_grid(features_pos, coords2))
-                # Random partners are other images of the batch, sampled at coords2: [P * N, C, S, S].
-                feats_neg = norm(sample_grid(features[neg_perms.flatten()], coords2.repeat(num_perms, 1, 1, 1)))
             codes = norm(sample_grid(code, coords1))
             codes_pos = norm(sample_grid(code_pos, coords2))
-            codes_neg = norm(sample_grid(code[neg_perms.flatten()], coords2.repeat(num_perms, 1, 1, 1)))
 
             config = self.config
             pos_intra_loss, pos_intra_cd = self._pair_loss(feats, feats, codes, codes, config.pos_intra_shift)
             pos_inter_loss, pos_inter_cd = self._pair_loss(
                 feats, feats_pos, codes, codes_pos, config.pos_inter_shift
             )
-            # Each of the P pairings is its own "batch" for the pointwise centering and its global mean.
+            # Random partners: image perm[n] of the same batch, sampled at coords2[n]. Each pairing is its own
+            # "batch" for the pointwise centering and its global mean. One pairing at a time keeps a single
+            # extra copy of the maps in memory.
             neg_losses, neg_cds = [], []
-            for p in range(num_perms):
-                rows = slice(p * batch_size, (p + 1) * batch_size)
-                neg_loss, neg_cd = self._pair_loss(
-                    feats, feats_neg[rows], codes, codes_neg[rows], config.neg_inter_shift
-                )
+            for perm in neg_perms:
+                with torch.no_grad():
+                    feats_neg = norm(sample_grid(features[perm], coords2))
+                codes_neg = norm(sample_grid(code[perm], coords2))
+                neg_loss, neg_cd = self._pair_loss(feats, feats_neg, codes, codes_neg, config.neg_inter_shift)
                 neg_losses.append(neg_loss)
                 neg_cds.append(neg_cd)
             neg_inter_loss = torch.stack(neg_losses)
 
-            pos_intra, pos_inter, neg_inter = pos_intra_loss.mean(), pos_inter_loss.mean(), neg_inter_loss.mean()
+            pos_intra, pos_inter, neg_inter = (
+                pos_intra_loss.mean(),
+                pos_inter_loss.mean(),
+                neg_inter_loss.mean(),
+            )
             loss = config.correspondence_weight * (
                 config.pos_intra_weight * pos_intra
                 + config.pos_inter_weight * pos_inter

@@ -1,0 +1,92 @@
+"""End to end on CPU: the tiny STEGO config trains, resumes bit-for-bit, saves, reloads and evaluates."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_useg.trainer import latest_checkpoint, load_training_arguments, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "training" / "configs" / "stego_tiny.yaml"
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    output = tmp_path_factory.mktemp("full")
+    summary = train(load_training_arguments(TINY, output_dir=str(output)))
+    return output, summary
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_a_complete_model_folder(uninterrupted):
+    output, summary = uninterrupted
+    model_dir = output / "model"
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md",
+                 "eval_results.json", "per_class_iou.csv", "training_summary.json"):
+        assert (model_dir / name).exists(), name
+    assert summary["steps"] == 8
+    assert 0.0 <= summary["cluster_mean_iou"] <= 1.0 and 0.0 <= summary["linear_accuracy"] <= 1.0
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["model_type"] == "stego"
+    # id2label comes from the Hungarian matching onto the generated classes
+    assert set(config["id2label"].values()) <= {f"synthetic-class-{i}" for i in range(3)} | {
+        f"unmatched_{i}" for i in range(3)
+    }
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in line for line in lines) and any("val/cluster_mean_iou" in line for line in lines)
+    assert (output / "best" / "model.safetensors").exists()
+    assert latest_checkpoint(output).name == "checkpoint-00000008"
+    card = (model_dir / "README.md").read_text()
+    assert "pipeline_tag: image-segmentation" in card and "model-index" in card
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_matches_uninterrupted_run(uninterrupted, tmp_path):
+    full_output, _ = uninterrupted
+    interrupted = tmp_path / "resumed"
+    train(load_training_arguments(TINY, output_dir=str(interrupted), max_steps=4))
+    assert latest_checkpoint(interrupted).name == "checkpoint-00000004"
+    summary = train(
+        load_training_arguments(TINY, output_dir=str(interrupted), resume_from_checkpoint="latest")
+    )
+    assert summary["steps"] == 8
+    expected, resumed = _weights(full_output / "model"), _weights(interrupted / "model")
+    assert expected.keys() == resumed.keys()
+    trained = [k for k in expected if "backbone" not in k]
+    assert trained, "the head and probes must be in the saved weights"
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_saved_model_reloads_and_evaluates_through_the_cli(uninterrupted, tmp_path, capsys):
+    import hf_useg
+    from hf_useg.cli import main
+    from hf_useg.data import save_synthetic_scenes
+
+    output, summary = uninterrupted
+    model = hf_useg.StegoForUnsupervisedSegmentation.from_pretrained(output / "model")
+    assert model.config.dim == 8
+    data_dir = tmp_path / "scenes"
+    save_synthetic_scenes(data_dir, num_images=6, image_size=32, num_classes=3, seed=1, split="val")
+    assert main(["evaluate", str(output / "model"), "--dataset", str(data_dir), "--split", "val",
+                 "--num-classes", "3", "--output-dir", str(tmp_path / "eval"), "--quiet"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= line["cluster_accuracy"] <= 1.0 and "linear_mean_iou" in line
+    assert (tmp_path / "eval" / "per_class_iou.csv").read_text().startswith("class_id,class_name")
+
+
+def test_bad_training_options_are_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: stego\nlearning_rate_typo: 3\n")
+    with pytest.raises(ValueError, match="learning_rate_typo"):
+        load_training_arguments(bad)
+    with pytest.raises(ValueError, match="method must be one of"):
+        load_training_arguments(None, method="segformer")
