@@ -1,7 +1,7 @@
 """The ``hf-useg`` console script.
 
-    hf-useg evaluate MODEL --dataset PATH_OR_ID --split val [--num-classes N] [--crf] [--output-dir DIR]
-    hf-useg demo [--output-dir DIR]
+hf-useg evaluate MODEL --dataset PATH_OR_ID --split val [--num-classes N] [--crf] [--output-dir DIR]
+hf-useg demo [--output-dir DIR]
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 
 
 def _load_model(name_or_path: str):
-    import hf_useg  # noqa: F401  (registers the Auto classes)
     from transformers import AutoConfig, AutoModel
+
+    import hf_useg  # noqa: F401  (registers the Auto classes)
 
     try:
         AutoConfig.from_pretrained(name_or_path)
@@ -59,8 +60,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not class_names or len(class_names) < num_classes:
         class_names = [f"class_{i}" for i in range(num_classes)]
     results = evaluate_segmenter(
-        model, dataset, processor, num_classes, batch_size=args.batch_size, flip_tta=not args.no_flip_tta,
-        crf=args.crf, crf_workers=args.crf_workers, matching=args.matching, max_images=args.max_images,
+        model,
+        dataset,
+        processor,
+        num_classes,
+        batch_size=args.batch_size,
+        flip_tta=not args.no_flip_tta,
+        crf=args.crf,
+        crf_workers=args.crf_workers,
+        matching=args.matching,
+        max_images=args.max_images,
         progress=not args.quiet,
     )
     output_dir = Path(args.output_dir or Path("outputs") / "eval" / Path(args.model).name)
@@ -89,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", required=True, help="Hub id, datasets folder, Parquet, or images/labels folder")
     evaluate.add_argument("--split", default="val")
     evaluate.add_argument("--num-classes", type=int, default=None)
-    evaluate.add_argument("--resolution", type=int, default=None, help="shorter side + center crop (default: the model's processor)")
+    evaluate.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="shorter side + center crop (default: the model's processor)",
+    )
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--matching", choices=["hungarian", "majority", "none"], default="hungarian")
     evaluate.add_argument("--crf", action="store_true", help="also score the dense-CRF refined predictions")

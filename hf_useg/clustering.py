@@ -169,7 +169,7 @@ def kmeans(
 
         previous = float("inf")
         iterations = 0
-        for iterations in range(1, num_iterations + 1):
+        for iterations in range(1, num_iterations + 1):  # noqa: B007 (read after the loop)
             labels, cost = assign_to_centroids(x, centroids, metric, chunk_size)
             inertia = float(cost.sum())
             sums = torch.zeros_like(centroids).index_add_(0, labels, x)

@@ -37,7 +37,10 @@ def _pick_backbone(requested: str | None) -> tuple[str, str | None]:
     if _hub_reachable():
         return requested, None
     os.environ["HF_HUB_OFFLINE"] = "1"
-    return DEFAULT_BACKBONE, f"no network: cannot download {requested!r}; using the offline default {DEFAULT_BACKBONE}"
+    return (
+        DEFAULT_BACKBONE,
+        f"no network: cannot download {requested!r}; using the offline default {DEFAULT_BACKBONE}",
+    )
 
 
 def _pick_data(requested: str | None) -> tuple[str, str | None]:
@@ -46,12 +49,16 @@ def _pick_data(requested: str | None) -> tuple[str, str | None]:
     if _hub_reachable():
         return requested, None
     os.environ["HF_HUB_OFFLINE"] = "1"
-    return "synthetic", f"no network: cannot download the dataset {requested!r}; using the generated synthetic scenes"
+    return (
+        "synthetic",
+        f"no network: cannot download the dataset {requested!r}; using the generated synthetic scenes",
+    )
 
 
 def _write_overlays(model_dir: Path, args: TrainingArguments, output_dir: Path, count: int = 4) -> list[Path]:
-    import hf_useg  # noqa: F401
     from transformers import AutoModel
+
+    import hf_useg  # noqa: F401
 
     from .image_processing import UnsupervisedSegmentationImageProcessor
     from .trainer import _load_splits
@@ -112,7 +119,9 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", steps: int | None = 
         eval_batch_size=16,
     )
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    print(f"[hf_useg demo] backbone: {backbone}{'' if real_backbone else ' (randomly initialised ViT, offline default)'}")
+    print(
+        f"[hf_useg demo] backbone: {backbone}{'' if real_backbone else ' (randomly initialised ViT, offline default)'}"
+    )
     print(f"[hf_useg demo] data: {'generated synthetic scenes (not real data)' if synthetic else data}")
 
     stego_args = TrainingArguments(

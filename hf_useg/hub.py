@@ -22,8 +22,11 @@ METHOD_INFO = {
         "Caron et al., ICCV 2021, arXiv:2104.14294",
         "Zero-training baseline: cosine k-means over the patch features of a frozen DINO backbone.",
     ),
-    "picie": ("PiCIE", "Cho et al., CVPR 2021, arXiv:2103.17070", "Clustering with photometric invariance and "
-              "geometric equivariance."),
+    "picie": (
+        "PiCIE",
+        "Cho et al., CVPR 2021, arXiv:2103.17070",
+        "Clustering with photometric invariance and geometric equivariance.",
+    ),
     "iic": ("IIC", "Ji et al., ICCV 2019, arXiv:1807.06653", "Invariant information clustering."),
 }
 
@@ -75,7 +78,9 @@ def generate_model_card(
         if not results or probe not in results:
             continue
         values = results[probe]
-        rows.append(f"| {probe.replace('_', ' + ')} | {_percent(values['accuracy'])} | {_percent(values['mean_iou'])} |")
+        rows.append(
+            f"| {probe.replace('_', ' + ')} | {_percent(values['accuracy'])} | {_percent(values['mean_iou'])} |"
+        )
         for metric, key in (("accuracy", "accuracy"), ("mean_iou", "mean_iou")):
             eval_results.append(
                 EvalResult(

@@ -48,7 +48,11 @@ def evaluate_segmenter(
         dataset = dataset.select(range(min(max_images, len(dataset))))
     items = ProcessedSegmentationDataset(dataset, image_processor, num_classes=num_classes, with_labels=True)
     loader = DataLoader(
-        items, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_segmentation_batch
+        items,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_segmentation_batch,
     )
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader)
@@ -70,7 +74,11 @@ def evaluate_segmenter(
         pixel_values = batch["pixel_values"].to(device)
         labels = batch["labels"].to(device)
         prediction = model.predict(
-            pixel_values, output_size=tuple(labels.shape[-2:]), flip_tta=flip_tta, crf=crf, crf_workers=crf_workers
+            pixel_values,
+            output_size=tuple(labels.shape[-2:]),
+            flip_tta=flip_tta,
+            crf=crf,
+            crf_workers=crf_workers,
         )
         num_clusters = prediction.cluster_log_probs.shape[1]
         metric("cluster", num_clusters, matching).update(prediction.cluster_log_probs.argmax(1), labels)

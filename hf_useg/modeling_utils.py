@@ -57,7 +57,9 @@ def check_pixel_values(pixel_values: torch.Tensor, patch_size: int | None = None
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
     if pixel_values.ndim != 4:
-        raise ValueError(f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}")
+        raise ValueError(
+            f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}"
+        )
     if pixel_values.shape[1] != num_channels:
         raise ValueError(
             f"pixel_values has {pixel_values.shape[1]} channels, expected {num_channels} (RGB); convert grayscale or"
@@ -144,7 +146,9 @@ class UnsupervisedSegmentationPreTrainedModel(PreTrainedModel):
         model = cls(config)
         missing, unexpected = model.backbone.model.load_state_dict(pretrained.model.state_dict(), strict=False)
         if missing or unexpected:
-            raise ValueError(f"backbone weights of {backbone!r} do not fit: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"backbone weights of {backbone!r} do not fit: missing {missing}, unexpected {unexpected}"
+            )
         return model
 
     def set_cluster_names(self, assignment: Sequence[int] | np.ndarray, class_names: Sequence[str]) -> None:
@@ -204,7 +208,7 @@ class UnsupervisedSegmentationPreTrainedModel(PreTrainedModel):
                 cluster_log_probs=cluster_log_probs, linear_log_probs=linear_log_probs
             )
             if crf:
-                from .crf import dense_crf_batch, denormalize_to_uint8
+                from .crf import denormalize_to_uint8, dense_crf_batch
 
                 if images is None:
                     source = pixel_values

@@ -11,7 +11,6 @@ the Hungarian matching, the evaluation results and a generated model card.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -24,31 +23,44 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
+from torch.utils.data import Sampler
 
-from .data.processing import ProcessedSegmentationDataset, collate_segmentation_batch
+from .data.processing import ProcessedSegmentationDataset
 from .image_processing import UnsupervisedSegmentationImageProcessor
 from .inference import evaluate_segmenter, format_per_class_table, summarize, write_evaluation_report
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainingArguments", "train", "load_training_arguments", "latest_checkpoint"]
+__all__ = ["TrainingArguments", "TrainingContext", "latest_checkpoint", "load_training_arguments", "train"]
 
-METHODS = ("stego", "dino_kmeans")
 RANDOM_BACKBONES = {
     # name -> ViTConfig kwargs; randomly initialised, for offline demos and tests (named as such in outputs)
     "random-vit-tiny": dict(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, patch_size=8,
-        image_size=64, layer_norm_eps=1e-6,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        patch_size=8,
+        image_size=64,
+        layer_norm_eps=1e-6,
     ),
     "random-vit-micro": dict(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8,
-        image_size=32, layer_norm_eps=1e-6,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=8,
+        image_size=32,
+        layer_norm_eps=1e-6,
     ),
     "random-vit-small-8": dict(
-        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=8,
-        image_size=224, layer_norm_eps=1e-6,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        patch_size=8,
+        image_size=224,
+        layer_norm_eps=1e-6,
     ),
 }
 
@@ -100,8 +112,8 @@ class TrainingArguments:
     progress: bool = True
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method not in RECIPES:
+            raise ValueError(f"method must be one of {sorted(RECIPES)}, got {self.method!r}")
         for name in ("max_steps", "batch_size", "resolution", "eval_resolution", "val_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -227,7 +239,11 @@ def _backbone_config_and_weights(args: TrainingArguments):
     from .backbones import FeatureBackbone
 
     if args.backbone in RANDOM_BACKBONES:
-        return ViTConfig(**RANDOM_BACKBONES[args.backbone]), None, f"{args.backbone} (randomly initialised ViT)"
+        return (
+            ViTConfig(**RANDOM_BACKBONES[args.backbone]),
+            None,
+            f"{args.backbone} (randomly initialised ViT)",
+        )
     try:
         pretrained = FeatureBackbone.from_pretrained(args.backbone)
     except Exception as error:  # offline Hub ids, missing folders: say what failed
@@ -235,26 +251,12 @@ def _backbone_config_and_weights(args: TrainingArguments):
     return pretrained.model.config, pretrained.model.state_dict(), args.backbone
 
 
-def build_model(args: TrainingArguments, num_classes: int, class_names: list[str]):
+def build_model(args: TrainingArguments, num_classes: int):
+    """The method's model on the requested backbone (pretrained weights loaded when the backbone has them)."""
     backbone_config, backbone_weights, description = _backbone_config_and_weights(args)
     torch.manual_seed(args.seed)
-    if args.method == "stego":
-        from .models.stego import StegoConfig, StegoForUnsupervisedSegmentation
-
-        overrides = {"num_classes": num_classes, **args.model}
-        if args.preset:
-            config = StegoConfig.for_dataset(args.preset, **overrides)
-            config.backbone_config = backbone_config
-        else:
-            config = StegoConfig(backbone_config=backbone_config, **overrides)
-        model_class = StegoForUnsupervisedSegmentation
-    else:
-        from .models.dino import DinoForUnsupervisedSegmentation, DinoSegmentationConfig
-
-        config = DinoSegmentationConfig(backbone_config=backbone_config, num_clusters=num_classes, **args.model)
-        model_class = DinoForUnsupervisedSegmentation
-    config.backbone_name = description
-    model = model_class(config)
+    model = recipe(args.method).build_model(args, backbone_config, num_classes)
+    model.config.backbone_name = description
     if backbone_weights is not None:
         model.backbone.model.load_state_dict(backbone_weights)
     return model, description
@@ -281,59 +283,6 @@ def _processor(resolution: int, patch_size: int) -> UnsupervisedSegmentationImag
     return UnsupervisedSegmentationImageProcessor(
         size={"shortest_edge": resolution}, crop_size={"height": resolution, "width": resolution}
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# kNN table (STEGO, METHODS 0.6)
-
-
-def _knn_cache_key(model, train_items, resolution: int, k: int, five_crop: bool) -> str:
-    digest = hashlib.sha256()
-    digest.update(json.dumps(model.config.backbone_config.to_dict(), sort_keys=True, default=str).encode())
-    for name, tensor in list(model.backbone.state_dict().items())[:4] + list(model.backbone.state_dict().items())[-2:]:
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:65536])
-    fingerprint = getattr(train_items.dataset, "_fingerprint", None) or str(len(train_items))
-    digest.update(f"{fingerprint}|{len(train_items)}|{resolution}|{k}|{five_crop}".encode())
-    return digest.hexdigest()[:24]
-
-
-@torch.no_grad()
-def compute_knn_table(
-    model, train_items, *, resolution: int, k: int, five_crop: bool, cache_dir: str | Path | None,
-    batch_size: int, accelerator, progress: bool = True,
-) -> torch.Tensor:
-    """Top-``k`` cosine neighbours of every training item's global descriptor, cached on disk under a key of
-    (backbone config and weights, dataset fingerprint, resolution, k, five-crop): reruns reuse it."""
-    from .data import global_descriptors, nearest_neighbors
-
-    k = min(k, len(train_items))
-    path = None
-    if cache_dir is not None:
-        key = _knn_cache_key(model, train_items, resolution, k, five_crop)
-        path = Path(cache_dir) / f"knn-{key}.pt"
-        if path.exists():
-            logger.info("loading the kNN table from %s", path)
-            return torch.load(path)
-    if accelerator.is_main_process:
-        loader = DataLoader(train_items, batch_size=batch_size, collate_fn=collate_segmentation_batch)
-        descriptors = []
-        device = accelerator.device
-        for batch in tqdm(loader, desc="kNN descriptors", disable=not progress):
-            features = model.extract_features(batch["pixel_values"].to(device))
-            descriptors.append(global_descriptors(features).cpu())
-        table = nearest_neighbors(torch.cat(descriptors), k)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(table, tmp)
-            os.replace(tmp, path)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        if path is None:
-            raise ValueError("multi-process STEGO training needs knn_cache_dir to share the kNN table")
-        table = torch.load(path)
-    return table
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,6 +335,134 @@ def _save_model_folder(model, processor, path: Path, extra_files: dict[str, str]
 # the loop
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# method recipes
+
+# method name -> module with `build_model(args, backbone_config, num_classes)` and `train(context) -> model`
+RECIPES = {
+    "stego": "hf_useg.models.stego.training_stego",
+    "dino_kmeans": "hf_useg.models.dino.training_dino",
+}
+
+
+def recipe(method: str):
+    import importlib
+
+    if method not in RECIPES:
+        raise ValueError(f"method must be one of {sorted(RECIPES)}, got {method!r}")
+    return importlib.import_module(RECIPES[method])
+
+
+@dataclass
+class TrainingContext:
+    """What a method's ``train(context)`` gets: data, processors, the accelerator, and the shared behaviours
+    (logging, validation with best-model keeping, atomic checkpoints, resuming, per-step seeding)."""
+
+    args: TrainingArguments
+    model: Any
+    train_set: Any
+    val_set: Any
+    train_processor: UnsupervisedSegmentationImageProcessor
+    eval_processor: UnsupervisedSegmentationImageProcessor
+    num_classes: int
+    class_names: list[str]
+    schedule: dict[str, Any]
+    accelerator: Any
+    state: dict[str, Any] = field(
+        default_factory=lambda: {"step": 0, "best_cluster_mean_iou": -1.0, "best_step": None}
+    )
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    @property
+    def show_progress(self) -> bool:
+        return bool(self.args.progress and self.accelerator.is_main_process)
+
+    def train_items(self, processor=None, dataset=None) -> ProcessedSegmentationDataset:
+        return ProcessedSegmentationDataset(
+            self.train_set if dataset is None else dataset,
+            processor or self.train_processor,
+            self.num_classes,
+        )
+
+    def seed_step(self, step: int) -> torch.Generator:
+        """Seed torch's global RNG for ``step`` (dropout, coordinates, permutations) and return a generator for
+        the data choices of that step: a resumed run draws exactly what the uninterrupted one drew."""
+        seed = _step_seed(self.args.seed, step, self.accelerator.process_index)
+        torch.manual_seed(seed)
+        return torch.Generator().manual_seed(seed)
+
+    def sampler(self, num_items: int, batch_size: int) -> StepSampler:
+        return StepSampler(
+            num_items,
+            batch_size,
+            self.args.seed,
+            self.accelerator.process_index,
+            self.accelerator.num_processes,
+        )
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            with (self.output_dir / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps({"step": step, **values}) + "\n")
+
+    def check_finite(self, loss: float, step: int) -> None:
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss} at step {step}; the last checkpoint is intact")
+
+    def resume(self) -> bool:
+        """Load the requested checkpoint (``"latest"`` or a path) into the prepared objects; True if resumed."""
+        request = self.args.resume_from_checkpoint
+        if not request:
+            return False
+        path = latest_checkpoint(self.output_dir) if request == "latest" else Path(request)
+        if path is None:
+            logger.warning("resume_from_checkpoint=latest but %s has no checkpoint: starting fresh", self.output_dir)
+            return False
+        if not (path / "trainer_state.json").exists():
+            raise ValueError(f"{path} is not a complete hf_useg checkpoint (no trainer_state.json)")
+        self.accelerator.load_state(str(path))
+        self.state.update(json.loads((path / "trainer_state.json").read_text()))
+        self.accelerator.print(f"resumed from {path} at step {self.state['step']}")
+        return True
+
+    def after_step(self, model, step: int) -> None:
+        """Validate (every ``val_every``; keeps ``best/``) and checkpoint (every ``save_every`` and at the end)."""
+        has_val = self.val_set is not None and "label" in self.val_set.column_names
+        if has_val and step % self.schedule["val_every"] == 0:
+            results = evaluate_segmenter(
+                model,
+                self.val_set,
+                self.eval_processor,
+                self.num_classes,
+                batch_size=self.args.eval_batch_size,
+                flip_tta=False,
+                crf=False,
+                max_images=self.args.max_val_images,
+                accelerator=self.accelerator,
+                progress=False,
+            )
+            model.train()
+            values = {f"val/{k}": v for k, v in summarize(results).items()}
+            self.log(values, step)
+            if values["val/cluster_mean_iou"] > self.state["best_cluster_mean_iou"]:
+                self.state["best_cluster_mean_iou"] = values["val/cluster_mean_iou"]
+                self.state["best_step"] = step
+                if self.accelerator.is_main_process:
+                    _save_model_folder(
+                        model,
+                        self.eval_processor,
+                        self.output_dir / "best",
+                        {"best_metrics.json": json.dumps({"step": step, **values}, indent=2)},
+                    )
+                self.accelerator.wait_for_everyone()
+        if step % self.args.save_every == 0 or step == self.schedule["max_steps"]:
+            _save_checkpoint(self.accelerator, self.output_dir, dict(self.state), self.args.keep_checkpoints)
+
+
 def train(args: TrainingArguments) -> dict[str, Any]:
     """Train (or fit) ``args.method`` and return a summary dict (also written to ``output_dir``)."""
     from accelerate import Accelerator
@@ -401,44 +478,30 @@ def train(args: TrainingArguments) -> dict[str, Any]:
         project_dir=str(output_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not has_train_labels)],
     )
-    model, backbone_description = build_model(args, num_classes, class_names)
+    model, backbone_description = build_model(args, num_classes)
     schedule = _schedule(args, model.config)
     patch = model.backbone.patch_size
-    train_processor = _processor(schedule["resolution"], patch)
-    eval_processor = _processor(schedule["eval_resolution"], patch)
+    context = TrainingContext(
+        args=args,
+        model=model,
+        train_set=train_set,
+        val_set=val_set,
+        train_processor=_processor(schedule["resolution"], patch),
+        eval_processor=_processor(schedule["eval_resolution"], patch),
+        num_classes=num_classes,
+        class_names=class_names,
+        schedule=schedule,
+        accelerator=accelerator,
+    )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    log_path = output_dir / "metrics.jsonl"
-
-    def log(values: dict[str, float], step: int) -> None:
-        accelerator.log(values, step=step)
-        if accelerator.is_main_process:
-            with log_path.open("a") as handle:
-                handle.write(json.dumps({"step": step, **values}) + "\n")
-
     if args.report_to:
         accelerator.init_trackers("hf_useg", config={k: str(v) for k, v in dataclasses.asdict(args).items()})
-
-    if schedule["five_crop"] and args.method == "stego":
-        from .data import expand_five_crops
-
-        train_set = expand_five_crops(train_set, ratio=getattr(model.config, "crop_ratio", 0.5))
-
-    train_items = ProcessedSegmentationDataset(train_set, train_processor, num_classes=num_classes)
-    device = accelerator.device
-    model.to(device)
-    state: dict[str, Any] = {"step": 0, "best_cluster_mean_iou": -1.0, "best_step": None}
+    model.to(accelerator.device)
     start_time = time.time()
-
-    if args.method == "dino_kmeans":
-        loader = DataLoader(train_items, batch_size=args.eval_batch_size, collate_fn=collate_segmentation_batch)
-        model.fit(loader, vectors_per_image=args.kmeans_vectors_per_image, seed=args.seed, progress=args.progress)
-        unwrapped = model
-    else:
-        unwrapped = _train_stego(
-            args, model, train_items, val_set, eval_processor, num_classes, schedule, accelerator, state, log
-        )
+    trained = recipe(args.method).train(context)
+    trained.eval()
 
     # final evaluation with the full protocol, id2label from the matching, model folder
     summary: dict[str, Any] = {
@@ -446,136 +509,44 @@ def train(args: TrainingArguments) -> dict[str, Any]:
         "backbone": backbone_description,
         "dataset": "generated synthetic scenes (not real data)" if args.dataset == "synthetic" else args.dataset,
         "num_classes": num_classes,
-        "steps": state["step"],
+        "steps": context.state["step"],
         "train_seconds": round(time.time() - start_time, 1),
     }
     results = None
     if val_set is not None and "label" in val_set.column_names:
         results = evaluate_segmenter(
-            unwrapped, val_set, eval_processor, num_classes, batch_size=args.eval_batch_size,
-            flip_tta=args.final_flip_tta, crf=args.final_crf, max_images=args.max_val_images,
-            accelerator=accelerator, progress=args.progress and accelerator.is_main_process,
+            trained,
+            val_set,
+            context.eval_processor,
+            num_classes,
+            batch_size=args.eval_batch_size,
+            flip_tta=args.final_flip_tta,
+            crf=args.final_crf,
+            max_images=args.max_val_images,
+            accelerator=accelerator,
+            progress=context.show_progress,
         )
-        unwrapped.set_cluster_names(results["cluster"]["assignment"], class_names)
+        trained.set_cluster_names(results["cluster"]["assignment"], class_names)
         summary.update(summarize(results))
         summary["eval_protocol"] = {
-            "resolution": schedule["eval_resolution"], "crop": "center", "flip_tta": args.final_flip_tta,
-            "crf": args.final_crf, "matching": "hungarian", "precision": str(accelerator.mixed_precision),
+            "resolution": schedule["eval_resolution"],
+            "crop": "center",
+            "flip_tta": args.final_flip_tta,
+            "crf": args.final_crf,
+            "matching": "hungarian",
+            "precision": str(accelerator.mixed_precision),
             "split": args.val_split if args.dataset != "synthetic" else "generated val",
         }
-    if results is not None:
         summary["per_class_table"] = format_per_class_table(results, class_names)
     if accelerator.is_main_process:
         from .hub import generate_model_card
 
-        extra = {"training_summary.json": json.dumps(summary, indent=2)}
-        card = generate_model_card(unwrapped, summary=summary, results=results, class_names=class_names)
-        extra["README.md"] = str(card)
-        _save_model_folder(unwrapped, eval_processor, output_dir / "model", extra)
+        card = generate_model_card(trained, summary=summary, results=results, class_names=class_names)
+        extra = {"training_summary.json": json.dumps(summary, indent=2), "README.md": str(card)}
+        _save_model_folder(trained, context.eval_processor, output_dir / "model", extra)
         if results is not None:
             write_evaluation_report(results, output_dir / "model", class_names)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     summary["model_dir"] = str(output_dir / "model")
     return summary
-
-
-def _train_stego(args, model, train_items, val_set, eval_processor, num_classes, schedule, accelerator, state, log):
-    steps, batch_size = schedule["max_steps"], schedule["batch_size"]
-    config = model.config
-    knn = compute_knn_table(
-        model, train_items, resolution=schedule["resolution"], k=args.knn_k, five_crop=schedule["five_crop"],
-        cache_dir=args.knn_cache_dir or (Path(args.output_dir) / "knn_cache"), batch_size=args.eval_batch_size,
-        accelerator=accelerator, progress=args.progress and accelerator.is_main_process,
-    )
-    num_neighbors = max(1, min(config.num_neighbors, knn.shape[1] - 1))
-    sampler = StepSampler(
-        len(train_items), batch_size, args.seed, accelerator.process_index, accelerator.num_processes
-    )
-    head_parameters = list(model.segmentation_head.parameters())
-    probe_parameters = list(model.cluster_probe.parameters()) + list(model.linear_probe.parameters())
-    optimizer = torch.optim.Adam(
-        [
-            {"params": head_parameters, "lr": config.head_learning_rate},
-            {"params": probe_parameters, "lr": config.probe_learning_rate},
-        ]
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-
-    if args.resume_from_checkpoint:
-        path = (
-            latest_checkpoint(args.output_dir)
-            if args.resume_from_checkpoint == "latest"
-            else Path(args.resume_from_checkpoint)
-        )
-        if path is None:
-            logger.warning("resume_from_checkpoint=latest but %s has no checkpoint: starting fresh", args.output_dir)
-        else:
-            if not (path / "trainer_state.json").exists():
-                raise ValueError(f"{path} is not a complete hf_useg checkpoint (no trainer_state.json)")
-            accelerator.load_state(str(path))
-            state.update(json.loads((path / "trainer_state.json").read_text()))
-            accelerator.print(f"resumed from {path} at step {state['step']}")
-
-    per_epoch = sampler.batches_per_epoch
-    progress = tqdm(
-        total=steps, initial=state["step"], desc="train stego", disable=not (args.progress and accelerator.is_main_process)
-    )
-    while state["step"] < steps:
-        epoch, first = divmod(state["step"], per_epoch)
-        sampler.start(epoch, first)
-        for indices in sampler:
-            step = state["step"]
-            generator = torch.Generator().manual_seed(_step_seed(args.seed, step, accelerator.process_index))
-            ranks = torch.randint(1, num_neighbors + 1, (len(indices),), generator=generator)
-            partners = knn[torch.as_tensor(indices), ranks].tolist()
-            batch = collate_segmentation_batch([train_items[i] for i in indices])
-            positives = collate_segmentation_batch([train_items[i] for i in partners])
-            torch.manual_seed(_step_seed(args.seed, step, accelerator.process_index))
-            model.train()
-            output = model(
-                pixel_values=batch["pixel_values"].to(accelerator.device),
-                pixel_values_pos=positives["pixel_values"].to(accelerator.device),
-                labels=batch["labels"].to(accelerator.device) if "labels" in batch else None,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(output.loss)
-            optimizer.step()
-            state["step"] = step = step + 1
-            progress.update(1)
-            if step % args.log_every == 0 or step == steps:
-                values = {"train/loss": output.loss.item()}
-                for name in ("correlation_loss", "pos_intra", "pos_inter", "neg_inter", "cluster_probe_loss",
-                             "linear_probe_loss"):
-                    value = getattr(output, name, None)
-                    if value is not None:
-                        values[f"train/{name}"] = float(value)
-                if not math.isfinite(values["train/loss"]):
-                    raise FloatingPointError(f"the training loss became {values['train/loss']} at step {step}")
-                log(values, step)
-                progress.set_postfix(loss=f"{values['train/loss']:.4f}")
-            if val_set is not None and "label" in val_set.column_names and step % schedule["val_every"] == 0:
-                results = evaluate_segmenter(
-                    unwrapped, val_set, eval_processor, num_classes, batch_size=args.eval_batch_size,
-                    flip_tta=False, crf=False, max_images=args.max_val_images, accelerator=accelerator,
-                    progress=False,
-                )
-                values = {f"val/{k}": v for k, v in summarize(results).items()}
-                log(values, step)
-                if values["val/cluster_mean_iou"] > state["best_cluster_mean_iou"]:
-                    state["best_cluster_mean_iou"] = values["val/cluster_mean_iou"]
-                    state["best_step"] = step
-                    if accelerator.is_main_process:
-                        _save_model_folder(
-                            unwrapped, eval_processor, Path(args.output_dir) / "best",
-                            {"best_metrics.json": json.dumps({"step": step, **values}, indent=2)},
-                        )
-                    accelerator.wait_for_everyone()
-            if step % args.save_every == 0 or step == steps:
-                _save_checkpoint(accelerator, Path(args.output_dir), dict(state), args.keep_checkpoints)
-            if step >= steps:
-                break
-    progress.close()
-    unwrapped.eval()
-    return unwrapped

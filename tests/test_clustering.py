@@ -41,8 +41,12 @@ def test_kmeans_recovers_separated_blobs():
 def test_cosine_kmeans_ignores_vector_norms():
     generator = torch.Generator().manual_seed(0)
     directions = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), dim=1)
-    x = torch.cat([d * torch.rand(40, 1, generator=generator) * 10 + 0.01 * torch.randn(40, 3, generator=generator)
-                   for d in directions])
+    x = torch.cat(
+        [
+            d * torch.rand(40, 1, generator=generator) * 10 + 0.01 * torch.randn(40, 3, generator=generator)
+            for d in directions
+        ]
+    )
     result = kmeans(x, 2, metric="cosine", seed=0)
     assert torch.allclose(result.centroids.norm(dim=1), torch.ones(2), atol=1e-5)
     assert len(set(result.labels[:40].tolist())) == 1 and len(set(result.labels[40:].tolist())) == 1

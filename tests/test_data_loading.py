@@ -110,6 +110,7 @@ def test_camvid_real_data(camvid_root):
     assert hashes[key] == digest
 
 
+@pytest.mark.slow
 def test_camvid_split_errors(camvid_root):
     with pytest.raises(ValueError, match=r"split 'test' not found .*available splits: \['train', 'val'\]"):
         load_segmentation_dataset(str(camvid_root), split="test")

@@ -7,7 +7,12 @@ from hf_useg import DinoForUnsupervisedSegmentation, DinoSegmentationConfig
 from hf_useg.evaluation import UnsupervisedSegmentationMetric
 
 TINY_VIT = ViTConfig(
-    hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    patch_size=8,
+    image_size=32,
     layer_norm_eps=1e-6,
 )
 
@@ -54,7 +59,11 @@ def test_kmeans_on_features_separates_two_flat_colours():
     for i in range(6):
         label = torch.zeros(32, 32, dtype=torch.long)
         label[:, : 8 * (1 + i % 3)] = 1
-        image = torch.where(label.bool(), torch.tensor([2.0, -1.0, 0.5])[:, None, None], torch.tensor([-1.5, 1.0, 0.0])[:, None, None])
+        image = torch.where(
+            label.bool(),
+            torch.tensor([2.0, -1.0, 0.5])[:, None, None],
+            torch.tensor([-1.5, 1.0, 0.0])[:, None, None],
+        )
         images.append(image)
         labels.append(label)
     pixel_values, labels = torch.stack(images), torch.stack(labels)
@@ -74,7 +83,9 @@ def test_save_load_keeps_centroids(tmp_path):
     assert isinstance(loaded, DinoForUnsupervisedSegmentation) and loaded.config.is_fitted
     torch.testing.assert_close(loaded.cluster_probe.clusters, model.cluster_probe.clusters, rtol=0, atol=0)
     pixel_values = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(loaded.predict(pixel_values).cluster_log_probs, model.predict(pixel_values).cluster_log_probs)
+    torch.testing.assert_close(
+        loaded.predict(pixel_values).cluster_log_probs, model.predict(pixel_values).cluster_log_probs
+    )
 
 
 def test_config_validation():

@@ -7,7 +7,12 @@ import hf_useg
 from hf_useg import StegoConfig, StegoForUnsupervisedSegmentation
 
 TINY_VIT = dict(
-    hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    patch_size=8,
+    image_size=32,
     layer_norm_eps=1e-6,
 )
 
@@ -105,7 +110,9 @@ def test_save_load_round_trip_and_auto_classes(tmp_path):
     assert loaded.config.id2label == {0: "car", 1: "road", 2: "unmatched_2", 3: "sky", 4: "unmatched_4"}
     assert loaded.cluster_probe.clusters.shape == (5, 6)
     pixel_values = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(loaded.predict(pixel_values).cluster_log_probs, model.predict(pixel_values).cluster_log_probs)
+    torch.testing.assert_close(
+        loaded.predict(pixel_values).cluster_log_probs, model.predict(pixel_values).cluster_log_probs
+    )
 
 
 def test_loading_a_checkpoint_of_another_method_fails_clearly(tmp_path):

@@ -28,8 +28,15 @@ def uninterrupted(tmp_path_factory):
 def test_tiny_run_writes_a_complete_model_folder(uninterrupted):
     output, summary = uninterrupted
     model_dir = output / "model"
-    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md",
-                 "eval_results.json", "per_class_iou.csv", "training_summary.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+        "eval_results.json",
+        "per_class_iou.csv",
+        "training_summary.json",
+    ):
         assert (model_dir / name).exists(), name
     assert summary["steps"] == 8
     assert 0.0 <= summary["cluster_mean_iou"] <= 1.0 and 0.0 <= summary["linear_accuracy"] <= 1.0
@@ -53,9 +60,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(uninterrupted, tmp_pat
     interrupted = tmp_path / "resumed"
     train(load_training_arguments(TINY, output_dir=str(interrupted), max_steps=4))
     assert latest_checkpoint(interrupted).name == "checkpoint-00000004"
-    summary = train(
-        load_training_arguments(TINY, output_dir=str(interrupted), resume_from_checkpoint="latest")
-    )
+    summary = train(load_training_arguments(TINY, output_dir=str(interrupted), resume_from_checkpoint="latest"))
     assert summary["steps"] == 8
     expected, resumed = _weights(full_output / "model"), _weights(interrupted / "model")
     assert expected.keys() == resumed.keys()
@@ -76,8 +81,24 @@ def test_saved_model_reloads_and_evaluates_through_the_cli(uninterrupted, tmp_pa
     assert model.config.dim == 8
     data_dir = tmp_path / "scenes"
     save_synthetic_scenes(data_dir, num_images=6, image_size=32, num_classes=3, seed=1, split="val")
-    assert main(["evaluate", str(output / "model"), "--dataset", str(data_dir), "--split", "val",
-                 "--num-classes", "3", "--output-dir", str(tmp_path / "eval"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(output / "model"),
+                "--dataset",
+                str(data_dir),
+                "--split",
+                "val",
+                "--num-classes",
+                "3",
+                "--output-dir",
+                str(tmp_path / "eval"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= line["cluster_accuracy"] <= 1.0 and "linear_mean_iou" in line
     assert (tmp_path / "eval" / "per_class_iou.csv").read_text().startswith("class_id,class_name")

@@ -31,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with TrainingArguments keys")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the method config"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the method config",
     )
     hints = typing.get_type_hints(TrainingArguments)
     for field in dataclasses.fields(TrainingArguments):

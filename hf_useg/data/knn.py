@@ -39,9 +39,11 @@ def global_descriptors(feature_maps: torch.Tensor) -> torch.Tensor:
 
 
 def _resolve_boundary_ties(similarities: torch.Tensor, k: int, self_indices: torch.Tensor) -> torch.Tensor:
-    """The k selected columns of each row when several entries tie with the k-th value: everything strictly
-    above it, then the tied entries by priority (the row's own item first, then the lower index).
-    Returns them in ascending column order."""
+    """The k columns to keep in rows where entries left out tie with the k-th value.
+
+    Keeps everything strictly above the k-th value, then the tied entries by priority (the row's own item
+    first, then the lower index). Returns the kept columns of each row in ascending order.
+    """
     rows = similarities.shape[0]
     kth_value = similarities.topk(k, dim=1).values[:, -1:]
     above = similarities > kth_value

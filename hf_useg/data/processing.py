@@ -22,7 +22,9 @@ class ProcessedSegmentationDataset(TorchDataset):
     ```python
     >>> from hf_useg.data import make_synthetic_scenes
     >>> from hf_useg import UnsupervisedSegmentationImageProcessor
-    >>> processor = UnsupervisedSegmentationImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    >>> processor = UnsupervisedSegmentationImageProcessor(
+    ...     size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ... )
     >>> items = ProcessedSegmentationDataset(make_synthetic_scenes(4, 64, 3), processor, num_classes=3)
     >>> items[0]["pixel_values"].shape, items[0]["labels"].shape
     (torch.Size([3, 32, 32]), torch.Size([32, 32]))
@@ -58,7 +60,10 @@ class ProcessedSegmentationDataset(TorchDataset):
             encoded = self.image_processor(example["image"], segmentation_maps=label, return_tensors="pt")
         else:
             encoded = self.image_processor(example["image"], return_tensors="pt")
-        item: dict[str, torch.Tensor | int] = {"pixel_values": encoded["pixel_values"][0], "index": int(index)}
+        item: dict[str, torch.Tensor | int] = {
+            "pixel_values": encoded["pixel_values"][0],
+            "index": int(index),
+        }
         if label is not None:
             labels = encoded["labels"][0].long()
             invalid = labels < 0

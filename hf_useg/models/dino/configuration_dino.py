@@ -76,7 +76,8 @@ class DinoSegmentationConfig(PreTrainedConfig):
             raise ValueError(f"attention_threshold must be in (0, 1], got {self.attention_threshold}")
         if self.pos_embed_interpolation not in ("auto", "dino", "transformers"):
             raise ValueError(
-                f"pos_embed_interpolation must be 'auto', 'dino' or 'transformers', got {self.pos_embed_interpolation!r}"
+                "pos_embed_interpolation must be 'auto', 'dino' or 'transformers', "
+                f"got {self.pos_embed_interpolation!r}"
             )
         if len(self.id2label) != self.num_clusters:
             self.id2label = {i: f"cluster_{i}" for i in range(self.num_clusters)}

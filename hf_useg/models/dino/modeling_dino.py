@@ -63,7 +63,9 @@ class DinoForUnsupervisedSegmentation(DinoPreTrainedModel):
             )
 
     def compute_code(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        check_pixel_values(pixel_values, self.backbone.patch_size, getattr(self.config.backbone_config, "num_channels", 3))
+        check_pixel_values(
+            pixel_values, self.backbone.patch_size, getattr(self.config.backbone_config, "num_channels", 3)
+        )
         return self.backbone(pixel_values).feature_map
 
     def probe_log_probs(self, code: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -123,7 +125,11 @@ class DinoForUnsupervisedSegmentation(DinoPreTrainedModel):
                 f"only {vectors.shape[0]} feature vectors for {self.config.num_clusters} clusters: give more images"
             )
         result = kmeans(
-            vectors, self.config.num_clusters, metric="cosine", num_iterations=num_iterations, num_init=num_init,
+            vectors,
+            self.config.num_clusters,
+            metric="cosine",
+            num_iterations=num_iterations,
+            num_init=num_init,
             seed=seed,
         )
         self.cluster_probe.clusters.copy_(result.centroids.to(self.cluster_probe.clusters.dtype))

@@ -110,7 +110,9 @@ class StegoForUnsupervisedSegmentation(StegoPreTrainedModel):
 
     def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Frozen backbone feature map ``[B, C, h, w]``."""
-        check_pixel_values(pixel_values, self.backbone.patch_size, getattr(self.config.backbone_config, "num_channels", 3))
+        check_pixel_values(
+            pixel_values, self.backbone.patch_size, getattr(self.config.backbone_config, "num_channels", 3)
+        )
         return self.backbone(pixel_values).feature_map
 
     def compute_code(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -131,7 +133,9 @@ class StegoForUnsupervisedSegmentation(StegoPreTrainedModel):
             return cluster_loss, None
         if labels.ndim != 3:
             raise ValueError(f"labels must be [batch, height, width], got shape {tuple(labels.shape)}")
-        logits = F.interpolate(self.linear_probe(detached), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            self.linear_probe(detached), size=labels.shape[-2:], mode="bilinear", align_corners=False
+        )
         valid = (labels >= 0) & (labels < self.config.num_classes)
         if not valid.any():
             return cluster_loss, logits.sum() * 0.0
@@ -155,7 +159,8 @@ class StegoForUnsupervisedSegmentation(StegoPreTrainedModel):
         if pixel_values_pos is not None:
             if pixel_values_pos.shape != pixel_values.shape:
                 raise ValueError(
-                    f"pixel_values_pos {tuple(pixel_values_pos.shape)} must match pixel_values {tuple(pixel_values.shape)}"
+                    f"pixel_values_pos {tuple(pixel_values_pos.shape)} must match "
+                    f"pixel_values {tuple(pixel_values.shape)}"
                 )
             features_pos = self.extract_features(pixel_values_pos)
             code_pos = self.segmentation_head(features_pos)

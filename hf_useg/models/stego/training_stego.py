@@ -1,0 +1,173 @@
+"""STEGO's training recipe for `hf_useg.trainer` (METHODS 1.2): kNN positives from the frozen backbone's global
+descriptors (cached on disk), Adam on the head (lr 5e-4) and on both probes (lr 5e-3), no schedule."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ...data.processing import ProcessedSegmentationDataset, collate_segmentation_batch
+from .configuration_stego import StegoConfig
+from .modeling_stego import StegoForUnsupervisedSegmentation
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_model", "compute_knn_table", "train"]
+
+
+def build_model(args, backbone_config, num_classes: int) -> StegoForUnsupervisedSegmentation:
+    overrides = {"num_classes": num_classes, **args.model}
+    if args.preset:
+        config = StegoConfig.for_dataset(args.preset, **overrides)
+        config.backbone_config = backbone_config
+    else:
+        config = StegoConfig(backbone_config=backbone_config, **overrides)
+    return StegoForUnsupervisedSegmentation(config)
+
+
+def _knn_cache_key(model, items: ProcessedSegmentationDataset, resolution: int, k: int, five_crop: bool) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(model.config.backbone_config.to_dict(), sort_keys=True, default=str).encode())
+    weights = list(model.backbone.state_dict().items())
+    for name, tensor in weights[:4] + weights[-2:]:  # enough to tell two backbones apart, cheap on ViT-B
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:65536])
+    fingerprint = getattr(items.dataset, "_fingerprint", None) or str(len(items))
+    digest.update(f"{fingerprint}|{len(items)}|{resolution}|{k}|{five_crop}".encode())
+    return digest.hexdigest()[:24]
+
+
+@torch.no_grad()
+def compute_knn_table(
+    model,
+    items: ProcessedSegmentationDataset,
+    *,
+    resolution: int,
+    k: int,
+    five_crop: bool,
+    cache_dir: str | Path | None,
+    batch_size: int,
+    accelerator,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Top-``k`` cosine neighbours ``[N, k]`` of every training item's global descriptor (METHODS 0.6), cached
+    under a key of (backbone config and weights, dataset fingerprint, resolution, k, five-crop): reruns and
+    resumed runs reuse it. The main process computes it; the others read the cache file."""
+    from ...data import global_descriptors, nearest_neighbors
+
+    k = min(k, len(items))
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"knn-{_knn_cache_key(model, items, resolution, k, five_crop)}.pt"
+        if path.exists():
+            logger.info("loading the kNN table from %s", path)
+            return torch.load(path)
+    table = None
+    if accelerator.is_main_process:
+        loader = DataLoader(items, batch_size=batch_size, collate_fn=collate_segmentation_batch)
+        descriptors = []
+        for batch in tqdm(loader, desc="kNN descriptors", disable=not progress):
+            features = model.extract_features(batch["pixel_values"].to(accelerator.device))
+            descriptors.append(global_descriptors(features).cpu())
+        table = nearest_neighbors(torch.cat(descriptors), k)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(table, tmp)
+            os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+    if table is None:
+        if path is None:
+            raise ValueError("multi-process STEGO training needs a knn cache_dir to share the kNN table")
+        table = torch.load(path)
+    return table
+
+
+def train(context) -> StegoForUnsupervisedSegmentation:
+    args, schedule, accelerator = context.args, context.schedule, context.accelerator
+    model: StegoForUnsupervisedSegmentation = context.model
+    config = model.config
+    train_set = context.train_set
+    if schedule["five_crop"]:
+        from ...data import expand_five_crops
+
+        train_set = expand_five_crops(train_set, ratio=config.crop_ratio)
+    items = context.train_items(dataset=train_set)
+    knn = compute_knn_table(
+        model,
+        items,
+        resolution=schedule["resolution"],
+        k=args.knn_k,
+        five_crop=schedule["five_crop"],
+        cache_dir=args.knn_cache_dir or (context.output_dir / "knn_cache"),
+        batch_size=args.eval_batch_size,
+        accelerator=accelerator,
+        progress=context.show_progress,
+    )
+    num_neighbors = max(1, min(config.num_neighbors, knn.shape[1] - 1))
+    steps = schedule["max_steps"]
+    sampler = context.sampler(len(items), schedule["batch_size"])
+    optimizer = torch.optim.Adam(
+        [
+            {"params": list(model.segmentation_head.parameters()), "lr": config.head_learning_rate},
+            {
+                "params": list(model.cluster_probe.parameters()) + list(model.linear_probe.parameters()),
+                "lr": config.probe_learning_rate,
+            },
+        ]
+    )
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(prepared)
+    context.resume()
+
+    state = context.state
+    progress = tqdm(total=steps, initial=state["step"], desc="train stego", disable=not context.show_progress)
+    while state["step"] < steps:
+        epoch, first = divmod(state["step"], sampler.batches_per_epoch)
+        sampler.start(epoch, first)
+        for indices in sampler:
+            step = state["step"]
+            generator = context.seed_step(step)
+            ranks = torch.randint(1, num_neighbors + 1, (len(indices),), generator=generator)
+            partners = knn[torch.as_tensor(indices), ranks].tolist()
+            batch = collate_segmentation_batch([items[i] for i in indices])
+            positives = collate_segmentation_batch([items[i] for i in partners])
+            prepared.train()
+            output = prepared(
+                pixel_values=batch["pixel_values"].to(accelerator.device),
+                pixel_values_pos=positives["pixel_values"].to(accelerator.device),
+                labels=batch["labels"].to(accelerator.device) if "labels" in batch else None,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(output.loss)
+            optimizer.step()
+            state["step"] = step = step + 1
+            progress.update(1)
+            if step % args.log_every == 0 or step == steps:
+                values = {"train/loss": output.loss.item()}
+                for name in (
+                    "correlation_loss",
+                    "pos_intra",
+                    "pos_inter",
+                    "neg_inter",
+                    "cluster_probe_loss",
+                    "linear_probe_loss",
+                ):
+                    value = getattr(output, name, None)
+                    if value is not None:
+                        values[f"train/{name}"] = float(value.detach())
+                context.check_finite(values["train/loss"], step)
+                context.log(values, step)
+                progress.set_postfix(loss=f"{values['train/loss']:.4f}")
+            context.after_step(unwrapped, step)
+            if step >= steps:
+                break
+    progress.close()
+    return unwrapped
