@@ -31,15 +31,19 @@ def _load_model(name_or_path: str):
 
 
 def _load_processor(name_or_path: str, resolution: int | None):
-    from .image_processing import UnsupervisedSegmentationImageProcessor
+    """The protocol processor (center crop) at ``resolution``, else at the saved processor's resolution."""
+    from .image_processing import (
+        UnsupervisedSegmentationImageProcessor,
+        as_protocol_processor,
+        protocol_image_processor,
+    )
 
     if resolution is not None:
-        return UnsupervisedSegmentationImageProcessor(
-            size={"shortest_edge": resolution}, crop_size={"height": resolution, "width": resolution}
-        )
-    if Path(name_or_path, "preprocessor_config.json").exists():
-        return UnsupervisedSegmentationImageProcessor.from_pretrained(name_or_path)
-    return UnsupervisedSegmentationImageProcessor()
+        return protocol_image_processor(resolution)
+    try:
+        return as_protocol_processor(UnsupervisedSegmentationImageProcessor.from_pretrained(name_or_path))
+    except OSError:
+        return protocol_image_processor(320)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -38,7 +38,12 @@ from transformers.image_utils import (
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
 
-__all__ = ["UnsupervisedSegmentationImageProcessor"]
+__all__ = [
+    "UnsupervisedSegmentationImageProcessor",
+    "as_protocol_processor",
+    "protocol_image_processor",
+    "whole_image_processor",
+]
 
 # PIL modes that `Image.convert("RGB")` maps from 8-bit values (alpha is dropped, palettes are looked up).
 _PIL_RGB_CONVERTIBLE = {
@@ -187,10 +192,7 @@ class UnsupervisedSegmentationImageProcessor(PilBackend):
         resample = PILImageResampling.NEAREST if resample is None else PILImageResampling(resample)
 
         raw_images = _as_list(images, batch_ndim=4, what="images")
-        arrays = [
-            self._image_to_array(image, bool(do_convert_rgb), bool(do_rescale), layout)
-            for image in raw_images
-        ]
+        arrays = [self._image_to_array(image, bool(do_convert_rgb), bool(do_rescale), layout) for image in raw_images]
         raw_maps = None
         if segmentation_maps is not None:
             raw_maps = _as_list(segmentation_maps, batch_ndim=3, what="segmentation_maps")
@@ -207,9 +209,7 @@ class UnsupervisedSegmentationImageProcessor(PilBackend):
             if do_rescale:
                 image = image * np.float32(rescale_factor)
             if do_normalize:
-                image = (image - _per_channel(image_mean, image.shape[-1])) / _per_channel(
-                    image_std, image.shape[-1]
-                )
+                image = (image - _per_channel(image_mean, image.shape[-1])) / _per_channel(image_std, image.shape[-1])
             pixel_values.append(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
 
             if raw_maps is not None:
@@ -250,8 +250,7 @@ class UnsupervisedSegmentationImageProcessor(PilBackend):
             height, width = resize_output_size(height, width, size)
         if not do_center_crop and size_divisor is not None:
             height, width = (
-                max(size_divisor, int(math.floor(n / size_divisor + 0.5)) * size_divisor)
-                for n in (height, width)
+                max(size_divisor, int(math.floor(n / size_divisor + 0.5)) * size_divisor) for n in (height, width)
             )
         return height, width
 
@@ -282,8 +281,7 @@ class UnsupervisedSegmentationImageProcessor(PilBackend):
             default_layout = ChannelDimension.LAST
         else:
             raise TypeError(
-                f"unsupported image type {type(image).__name__}: pass PIL images, numpy arrays, torch "
-                "tensors or paths"
+                f"unsupported image type {type(image).__name__}: pass PIL images, numpy arrays, torch tensors or paths"
             )
         if array.ndim == 2:
             array = array[..., None]
@@ -298,9 +296,7 @@ class UnsupervisedSegmentationImageProcessor(PilBackend):
                 hint = ""
                 if layout is None and array.shape[0] in (1, 3, 4):
                     other = "channels_first" if default_layout == ChannelDimension.LAST else "channels_last"
-                    hint = (
-                        f" (if the array's channels are on the other axis pass input_data_format={other!r})"
-                    )
+                    hint = f" (if the array's channels are on the other axis pass input_data_format={other!r})"
                 raise ValueError(
                     f"an image must have 1 (grey), 3 (RGB) or 4 (RGBA) channels, got {channels} with shape "
                     f"{tuple(image.shape)}{hint}"
@@ -358,9 +354,7 @@ class UnsupervisedSegmentationImageProcessor(PilBackend):
         maps = []
         for logit, target in zip(logits, target_sizes):
             height, width = (int(v) for v in target)
-            resized = F.interpolate(
-                logit[None].float(), size=(height, width), mode="bilinear", align_corners=False
-            )
+            resized = F.interpolate(logit[None].float(), size=(height, width), mode="bilinear", align_corners=False)
             maps.append(resized[0].argmax(dim=0))
         return maps
 
@@ -472,9 +466,7 @@ def _center_crop(array: np.ndarray, crop_size: SizeDict | Mapping[str, int] | No
     height, width = array.shape[:2]
     if crop_h > height or crop_w > width:
         pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
-        padding = [(pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2)] + [(0, 0)] * (
-            array.ndim - 2
-        )
+        padding = [(pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2)] + [(0, 0)] * (array.ndim - 2)
         array = np.pad(array, padding, mode="constant", constant_values=fill)
         height, width = array.shape[:2]
     top, left = int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
@@ -490,3 +482,43 @@ def _per_channel(values: float | Sequence[float] | None, channels: int) -> np.nd
     if array.size != channels:
         raise ValueError(f"image_mean/image_std have {array.size} values for {channels}-channel images")
     return array
+
+
+def protocol_image_processor(resolution: int, **kwargs) -> UnsupervisedSegmentationImageProcessor:
+    """The evaluation protocol's processor (METHODS 0.2): shorter side to ``resolution`` (nearest), center crop
+    ``resolution x resolution``, ImageNet normalisation.
+
+    Example:
+
+    ```python
+    >>> processor = protocol_image_processor(320)
+    >>> processor.crop_size["height"], processor.do_center_crop
+    (320, True)
+    ```
+    """
+    return UnsupervisedSegmentationImageProcessor(
+        size={"shortest_edge": resolution},
+        crop_size={"height": resolution, "width": resolution},
+        do_center_crop=True,
+        **kwargs,
+    )
+
+
+def whole_image_processor(resolution: int, size_divisor: int, **kwargs) -> UnsupervisedSegmentationImageProcessor:
+    """The processor saved with models, for the ``image-segmentation`` pipeline and the Space: no crop (the mask
+    covers the whole image), shorter side to ``resolution``, both sides resized to multiples of ``size_divisor``
+    (the backbone's patch size)."""
+    return UnsupervisedSegmentationImageProcessor(
+        size={"shortest_edge": resolution}, do_center_crop=False, size_divisor=size_divisor, **kwargs
+    )
+
+
+def as_protocol_processor(processor: UnsupervisedSegmentationImageProcessor) -> UnsupervisedSegmentationImageProcessor:
+    """The protocol (center-crop) version of a saved processor, at its ``shortest_edge`` resolution."""
+    size = processor.size
+    resolution = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    if resolution is None:
+        resolution = processor.crop_size["height"]
+    return protocol_image_processor(
+        int(resolution), image_mean=processor.image_mean, image_std=processor.image_std, resample=processor.resample
+    )

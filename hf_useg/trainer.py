@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Sampler
 
 from .data.processing import ProcessedSegmentationDataset
-from .image_processing import UnsupervisedSegmentationImageProcessor
+from .image_processing import UnsupervisedSegmentationImageProcessor, protocol_image_processor, whole_image_processor
 from .inference import evaluate_segmenter, format_per_class_table, summarize, write_evaluation_report
 
 logger = logging.getLogger(__name__)
@@ -280,9 +280,7 @@ def _schedule(args: TrainingArguments, config) -> dict[str, Any]:
 def _processor(resolution: int, patch_size: int) -> UnsupervisedSegmentationImageProcessor:
     if resolution % patch_size:
         raise ValueError(f"resolution {resolution} is not a multiple of the backbone patch size {patch_size}")
-    return UnsupervisedSegmentationImageProcessor(
-        size={"shortest_edge": resolution}, crop_size={"height": resolution, "width": resolution}
-    )
+    return protocol_image_processor(resolution)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,6 +317,7 @@ def _save_checkpoint(accelerator, output_dir: Path, state: dict[str, Any], keep:
 
 
 def _save_model_folder(model, processor, path: Path, extra_files: dict[str, str] | None = None) -> None:
+    """``save_pretrained`` of the model and its (whole-image) processor plus extra files, atomically."""
     tmp = path.parent / f".tmp-{path.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -364,6 +363,7 @@ class TrainingContext:
     val_set: Any
     train_processor: UnsupervisedSegmentationImageProcessor
     eval_processor: UnsupervisedSegmentationImageProcessor
+    saved_processor: UnsupervisedSegmentationImageProcessor
     num_classes: int
     class_names: list[str]
     schedule: dict[str, Any]
@@ -488,6 +488,7 @@ def train(args: TrainingArguments) -> dict[str, Any]:
         val_set=val_set,
         train_processor=_processor(schedule["resolution"], patch),
         eval_processor=_processor(schedule["eval_resolution"], patch),
+        saved_processor=whole_image_processor(schedule["eval_resolution"], patch),
         num_classes=num_classes,
         class_names=class_names,
         schedule=schedule,
@@ -543,7 +544,7 @@ def train(args: TrainingArguments) -> dict[str, Any]:
 
         card = generate_model_card(trained, summary=summary, results=results, class_names=class_names)
         extra = {"training_summary.json": json.dumps(summary, indent=2), "README.md": str(card)}
-        _save_model_folder(trained, context.eval_processor, output_dir / "model", extra)
+        _save_model_folder(trained, context.saved_processor, output_dir / "model", extra)
         if results is not None:
             write_evaluation_report(results, output_dir / "model", class_names)
     accelerator.wait_for_everyone()
