@@ -55,8 +55,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model.to(args.device)
     processor = _load_processor(args.model, args.resolution)
     dataset = load_segmentation_dataset(args.dataset, args.split, num_classes=args.num_classes, require_labels=True)
-    num_classes = args.num_classes
-    class_names = getattr(dataset, "class_names", None)
+    from .data import segmentation_metadata
+
+    metadata = segmentation_metadata(dataset)
+    num_classes = args.num_classes or metadata.get("num_classes")
+    class_names = metadata.get("class_names")
     if num_classes is None:
         num_classes = len(class_names) if class_names else getattr(model.config, "num_classes", None)
         if num_classes is None:

@@ -167,7 +167,7 @@ def _load_splits(args: TrainingArguments):
     kwargs = dict(num_classes=args.num_classes, image_column=args.image_column, label_column=args.label_column)
     train = load_segmentation_dataset(args.dataset, args.train_split, **kwargs)
     val = load_segmentation_dataset(args.dataset, args.val_split, **kwargs) if args.val_split else None
-    num_classes = args.num_classes
+    num_classes = args.num_classes or _num_classes_from_dataset(train)
     class_names = args.class_names or _class_names_from_dataset(train)
     if num_classes is None:
         if class_names is None:
@@ -178,17 +178,17 @@ def _load_splits(args: TrainingArguments):
     return train, val, num_classes, list(class_names)[:num_classes]
 
 
+def _num_classes_from_dataset(dataset) -> int | None:
+    from .data import segmentation_metadata
+
+    return segmentation_metadata(dataset).get("num_classes")
+
+
 def _class_names_from_dataset(dataset) -> list[str] | None:
-    names = getattr(dataset, "class_names", None)
-    if names:
-        return list(names)
-    try:
-        description = json.loads(dataset.info.description or "{}")
-        if isinstance(description, dict) and description.get("class_names"):
-            return list(description["class_names"])
-    except (json.JSONDecodeError, TypeError):
-        pass
-    return None
+    from .data import segmentation_metadata
+
+    names = segmentation_metadata(dataset).get("class_names")
+    return list(names) if names else None
 
 
 class StepSampler(Sampler[list[int]]):

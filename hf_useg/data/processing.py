@@ -44,7 +44,8 @@ class ProcessedSegmentationDataset(TorchDataset):
         self.dataset = dataset
         self.image_processor = image_processor
         self.num_classes = num_classes
-        has_labels = "label" in dataset.column_names
+        # lazily transformed datasets (e.g. five crops) only show their columns on access
+        has_labels = "label" in dataset.column_names or "label" in dataset[0]
         if with_labels and not has_labels:
             raise ValueError(f"the dataset has no 'label' column (columns: {dataset.column_names})")
         self.with_labels = has_labels if with_labels is None else with_labels

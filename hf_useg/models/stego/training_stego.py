@@ -32,14 +32,21 @@ def build_model(args, backbone_config, num_classes: int) -> StegoForUnsupervised
     return StegoForUnsupervisedSegmentation(config)
 
 
-def _knn_cache_key(model, items: ProcessedSegmentationDataset, resolution: int, k: int, five_crop: bool) -> str:
+def _knn_cache_key(
+    model,
+    items: ProcessedSegmentationDataset,
+    resolution: int,
+    k: int,
+    five_crop: bool,
+    source_fingerprint: str | None,
+) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(model.config.backbone_config.to_dict(), sort_keys=True, default=str).encode())
     weights = list(model.backbone.state_dict().items())
     for name, tensor in weights[:4] + weights[-2:]:  # enough to tell two backbones apart, cheap on ViT-B
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes()[:65536])
-    fingerprint = getattr(items.dataset, "_fingerprint", None) or str(len(items))
+    fingerprint = source_fingerprint or getattr(items.dataset, "_fingerprint", None) or str(len(items))
     digest.update(f"{fingerprint}|{len(items)}|{resolution}|{k}|{five_crop}".encode())
     return digest.hexdigest()[:24]
 
@@ -56,16 +63,20 @@ def compute_knn_table(
     batch_size: int,
     accelerator,
     progress: bool = True,
+    source_fingerprint: str | None = None,
 ) -> torch.Tensor:
     """Top-``k`` cosine neighbours ``[N, k]`` of every training item's global descriptor (METHODS 0.6), cached
     under a key of (backbone config and weights, dataset fingerprint, resolution, k, five-crop): reruns and
-    resumed runs reuse it. The main process computes it; the others read the cache file."""
+    resumed runs reuse it. ``source_fingerprint`` identifies the data when ``items`` wraps a derived dataset
+    (five crops) whose own fingerprint only reflects its index columns. The main process computes it; the others
+    read the cache file."""
     from ...data import global_descriptors, nearest_neighbors
 
     k = min(k, len(items))
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"knn-{_knn_cache_key(model, items, resolution, k, five_crop)}.pt"
+        key = _knn_cache_key(model, items, resolution, k, five_crop, source_fingerprint)
+        path = Path(cache_dir) / f"knn-{key}.pt"
         if path.exists():
             logger.info("loading the kNN table from %s", path)
             return torch.load(path)
