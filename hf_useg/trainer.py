@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TrainingArguments", "TrainingContext", "latest_checkpoint", "load_training_arguments", "train"]
 
+# `backbone:` values meaning "no HF backbone": the method trains its own trunk from scratch (IIC's VGG net)
+SCRATCH_BACKBONES = ("none", "scratch")
+
 RANDOM_BACKBONES = {
     # name -> ViTConfig kwargs; randomly initialised, for offline demos and tests (named as such in outputs)
     "random-vit-tiny": dict(
@@ -101,6 +104,7 @@ class TrainingArguments:
     num_workers: int = 0
     knn_cache_dir: str | None = None
     knn_k: int = 30
+    cache_backbone_features: bool = False
     report_to: list[str] = field(default_factory=list)
     log_every: int = 10
     final_crf: bool = False
@@ -238,6 +242,8 @@ def _backbone_config_and_weights(args: TrainingArguments):
 
     from .backbones import FeatureBackbone
 
+    if args.backbone in SCRATCH_BACKBONES:
+        return None, None, "none (trunk trained from scratch)"
     if args.backbone in RANDOM_BACKBONES:
         return (
             ViTConfig(**RANDOM_BACKBONES[args.backbone]),
@@ -256,6 +262,11 @@ def build_model(args: TrainingArguments, num_classes: int):
     backbone_config, backbone_weights, description = _backbone_config_and_weights(args)
     torch.manual_seed(args.seed)
     model = recipe(args.method).build_model(args, backbone_config, num_classes)
+    if backbone_config is None and getattr(model.config, "backbone_config", None) is not None:
+        raise ValueError(
+            f"backbone {args.backbone!r} means no HF backbone, but method {args.method!r} needs one; it is only for "
+            "methods with a trunk trained from scratch (iic)"
+        )
     model.config.backbone_name = description
     if backbone_weights is not None:
         model.backbone.model.load_state_dict(backbone_weights)
@@ -341,6 +352,8 @@ def _save_model_folder(model, processor, path: Path, extra_files: dict[str, str]
 RECIPES = {
     "stego": "hf_useg.models.stego.training_stego",
     "dino_kmeans": "hf_useg.models.dino.training_dino",
+    "iic": "hf_useg.models.iic.training_iic",
+    "picie": "hf_useg.models.picie.training_picie",
 }
 
 
@@ -539,6 +552,9 @@ def train(args: TrainingArguments) -> dict[str, Any]:
             "split": args.val_split if args.dataset != "synthetic" else "generated val",
         }
         summary["per_class_table"] = format_per_class_table(results, class_names)
+        final_evaluation = getattr(recipe(args.method), "final_evaluation", None)
+        if final_evaluation is not None:  # method-specific extra numbers (e.g. IIC's head A, IID+)
+            summary.update(final_evaluation(context, trained))
     if accelerator.is_main_process:
         from .hub import generate_model_card
 

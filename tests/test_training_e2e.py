@@ -111,3 +111,18 @@ def test_bad_training_options_are_named(tmp_path):
         load_training_arguments(bad)
     with pytest.raises(ValueError, match="method must be one of"):
         load_training_arguments(None, method="segformer")
+
+
+@pytest.mark.slow
+def test_cached_backbone_features_train_the_same_model(tmp_path):
+    """With the frozen backbone's maps computed once, training takes the same path (same draws, same data)."""
+    plain = train(load_training_arguments(TINY, output_dir=str(tmp_path / "plain"), max_steps=4, val_every=100))
+    cached = train(
+        load_training_arguments(
+            TINY, output_dir=str(tmp_path / "cached"), max_steps=4, val_every=100, cache_backbone_features=True
+        )
+    )
+    assert plain["steps"] == cached["steps"] == 4
+    expected, actual = _weights(tmp_path / "plain" / "model"), _weights(tmp_path / "cached" / "model")
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -144,25 +144,48 @@ class StegoForUnsupervisedSegmentation(StegoPreTrainedModel):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         pixel_values_pos: torch.Tensor | None = None,
         coords1: torch.Tensor | None = None,
         coords2: torch.Tensor | None = None,
         neg_perms: torch.Tensor | None = None,
+        backbone_features: torch.Tensor | None = None,
+        backbone_features_pos: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> StegoSegmenterOutput:
-        features = self.extract_features(pixel_values)
-        code = self.segmentation_head(features)
-        loss = correlation = cluster_loss = linear_loss = None
-        if pixel_values_pos is not None:
-            if pixel_values_pos.shape != pixel_values.shape:
+        r"""
+        pixel_values_pos (`torch.Tensor`, *optional*):
+            Each image's kNN partner; when given (or ``backbone_features_pos``), the training loss is computed.
+        coords1, coords2, neg_perms (`torch.Tensor`, *optional*):
+            Fixed draws for the correlation loss (see `StegoCorrelationLoss`); drawn when None.
+        backbone_features, backbone_features_pos (`torch.Tensor`, *optional*):
+            Precomputed frozen-backbone feature maps ``[B, C, h, w]`` used instead of running the backbone on
+            ``pixel_values`` / ``pixel_values_pos`` (the backbone is frozen and STEGO trains without augmentation,
+            so a training run can compute them once; see ``cache_backbone_features`` in the trainer).
+        """
+        if backbone_features is None:
+            if pixel_values is None:
+                raise ValueError("give pixel_values (or precomputed backbone_features)")
+            backbone_features = self.extract_features(pixel_values)
+        if backbone_features_pos is None and pixel_values_pos is not None:
+            if pixel_values is not None and pixel_values_pos.shape != pixel_values.shape:
                 raise ValueError(
                     f"pixel_values_pos {tuple(pixel_values_pos.shape)} must match "
                     f"pixel_values {tuple(pixel_values.shape)}"
                 )
-            features_pos = self.extract_features(pixel_values_pos)
+            backbone_features_pos = self.extract_features(pixel_values_pos)
+        features = backbone_features
+        code = self.segmentation_head(features)
+        loss = correlation = cluster_loss = linear_loss = None
+        if backbone_features_pos is not None:
+            if backbone_features_pos.shape != features.shape:
+                raise ValueError(
+                    f"backbone_features_pos {tuple(backbone_features_pos.shape)} must match "
+                    f"backbone_features {tuple(features.shape)}"
+                )
+            features_pos = backbone_features_pos
             code_pos = self.segmentation_head(features_pos)
             correlation = self.correlation_loss(
                 self.feature_dropout(features),

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from .modeling_stego import StegoForUnsupervisedSegmentation
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_model", "compute_knn_table", "train"]
+__all__ = ["FeatureCache", "build_model", "compute_feature_cache", "compute_knn_table", "train"]
 
 
 def build_model(args, backbone_config, num_classes: int) -> StegoForUnsupervisedSegmentation:
@@ -101,6 +102,34 @@ def compute_knn_table(
     return table
 
 
+@dataclass
+class FeatureCache:
+    """Frozen-backbone feature maps ``[N, C, h, w]`` and labels ``[N, H, W]`` (or None) of every training item."""
+
+    features: torch.Tensor
+    labels: torch.Tensor | None
+
+
+@torch.no_grad()
+def compute_feature_cache(
+    model, items: ProcessedSegmentationDataset, *, batch_size: int, device, progress: bool = True
+) -> FeatureCache:
+    """Run the frozen backbone once over the training items. STEGO trains without augmentation, so every step's
+    backbone output is one of these maps: caching them leaves only the head, the loss and the probes per step
+    (see benchmarks/bench_stego_step.py). Memory: ``N * C * h * w * 4`` bytes (logged)."""
+    loader = DataLoader(items, batch_size=batch_size, collate_fn=collate_segmentation_batch)
+    features, labels = [], []
+    for batch in tqdm(loader, desc="backbone features", disable=not progress):
+        features.append(model.extract_features(batch["pixel_values"].to(device)).cpu())
+        if "labels" in batch:
+            labels.append(batch["labels"].to(torch.int16))
+    cache = FeatureCache(torch.cat(features), torch.cat(labels) if labels else None)
+    logger.info(
+        "cached backbone features: %s (%.1f MiB)", tuple(cache.features.shape), cache.features.numel() * 4 / 2**20
+    )
+    return cache
+
+
 def train(context) -> StegoForUnsupervisedSegmentation:
     args, schedule, accelerator = context.args, context.schedule, context.accelerator
     model: StegoForUnsupervisedSegmentation = context.model
@@ -123,6 +152,11 @@ def train(context) -> StegoForUnsupervisedSegmentation:
         progress=context.show_progress,
     )
     num_neighbors = max(1, min(config.num_neighbors, knn.shape[1] - 1))
+    cache = None
+    if args.cache_backbone_features:
+        cache = compute_feature_cache(
+            model, items, batch_size=args.eval_batch_size, device=accelerator.device, progress=context.show_progress
+        )
     steps = schedule["max_steps"]
     sampler = context.sampler(len(items), schedule["batch_size"])
     optimizer = torch.optim.Adam(
@@ -148,14 +182,23 @@ def train(context) -> StegoForUnsupervisedSegmentation:
             generator = context.seed_step(step)
             ranks = torch.randint(1, num_neighbors + 1, (len(indices),), generator=generator)
             partners = knn[torch.as_tensor(indices), ranks].tolist()
-            batch = collate_segmentation_batch([items[i] for i in indices])
-            positives = collate_segmentation_batch([items[i] for i in partners])
             prepared.train()
-            output = prepared(
-                pixel_values=batch["pixel_values"].to(accelerator.device),
-                pixel_values_pos=positives["pixel_values"].to(accelerator.device),
-                labels=batch["labels"].to(accelerator.device) if "labels" in batch else None,
-            )
+            if cache is not None:
+                labels = cache.labels[indices].long() if cache.labels is not None else None
+                inputs = {
+                    "backbone_features": cache.features[indices],
+                    "backbone_features_pos": cache.features[partners],
+                    "labels": labels,
+                }
+            else:
+                batch = collate_segmentation_batch([items[i] for i in indices])
+                positives = collate_segmentation_batch([items[i] for i in partners])
+                inputs = {
+                    "pixel_values": batch["pixel_values"],
+                    "pixel_values_pos": positives["pixel_values"],
+                    "labels": batch.get("labels"),
+                }
+            output = prepared(**{k: v.to(accelerator.device) if v is not None else None for k, v in inputs.items()})
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(output.loss)
             optimizer.step()
