@@ -83,7 +83,7 @@ def _write_overlays(model_dir: Path, args: TrainingArguments, output_dir: Path, 
         image = image.transpose(1, 2, 0)
         labels = encoded["labels"][0].numpy()
         labels = np.where(labels < num_classes, labels, -1)
-        figure = side_by_side(image, overlay(image, mapped, palette), colorize(labels, palette))
+        figure = side_by_side(image, overlay(image, mapped, palette, alpha=0.75), colorize(labels, palette))
         path = output_dir / f"overlay_{index}.png"
         figure.resize((figure.width * 3, figure.height * 3), resample=0).save(path)
         paths.append(path)
