@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 
 from .clustering import ClusterProbe
 from .image_processing import UnsupervisedSegmentationImageProcessor
@@ -25,6 +26,8 @@ from .modeling_utils import (
     UnsupervisedSegmenterOutput,
 )
 from .models.dino import DinoForUnsupervisedSegmentation, DinoSegmentationConfig
+from .models.iic import IicConfig, IicForUnsupervisedSegmentation
+from .models.picie import PicieConfig, PicieForUnsupervisedSegmentation
 from .models.stego import StegoConfig, StegoForUnsupervisedSegmentation
 
 __version__ = "0.1.0"
@@ -32,6 +35,8 @@ __version__ = "0.1.0"
 # (config class, model class) of every segmentation model; registered with the Auto classes below.
 _SEGMENTATION_MODELS = [
     (DinoSegmentationConfig, DinoForUnsupervisedSegmentation),
+    (IicConfig, IicForUnsupervisedSegmentation),
+    (PicieConfig, PicieForUnsupervisedSegmentation),
     (StegoConfig, StegoForUnsupervisedSegmentation),
 ]
 
@@ -44,6 +49,9 @@ def _register_auto_classes() -> None:
         AutoImageProcessor.register(
             config_class, slow_image_processor_class=UnsupervisedSegmentationImageProcessor, exist_ok=True
         )
+        # The image-segmentation pipeline checks the model class against this static name table, which
+        # `register` does not update; without the entry it logs "... is not supported" (and works anyway).
+        MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(config_class.model_type, model_class.__name__)
 
 
 _register_auto_classes()
@@ -52,6 +60,10 @@ __all__ = [
     "ClusterProbe",
     "DinoForUnsupervisedSegmentation",
     "DinoSegmentationConfig",
+    "IicConfig",
+    "IicForUnsupervisedSegmentation",
+    "PicieConfig",
+    "PicieForUnsupervisedSegmentation",
     "StegoConfig",
     "StegoForUnsupervisedSegmentation",
     "UnsupervisedSegmentationImageProcessor",

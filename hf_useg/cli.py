@@ -2,6 +2,8 @@
 
 hf-useg evaluate MODEL --dataset PATH_OR_ID --split val [--num-classes N] [--crf] [--output-dir DIR]
 hf-useg demo [--output-dir DIR]
+hf-useg push MODEL_DIR REPO_ID [--private] [--token TOKEN] [--keep-card]   (or: push spaces/ REPO_ID --space)
+hf-useg convert stego CHECKPOINT OUTPUT_DIR [--backbone-name HUB_ID]
 """
 
 from __future__ import annotations
@@ -96,6 +98,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert an officially released checkpoint into a model folder (`hf_useg.convert`)."""
+    from .convert import convert_stego_checkpoint
+
+    converters = {"stego": convert_stego_checkpoint}
+    try:
+        model = converters[args.method](args.checkpoint, args.output_dir, backbone_name=args.backbone_name)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"hf-useg convert: {error}") from error
+    config = model.config
+    print(
+        f"converted {args.method} checkpoint {args.checkpoint} -> {args.output_dir} "
+        f"({type(model).__name__}, {config.num_clusters} clusters, {config.num_classes} classes)"
+    )
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Upload a model folder (or, with --space, the Gradio Space folder) to the Hub (`hf_useg.hub`)."""
+    from .hub import push_model_folder, push_space_folder
+
+    private = True if args.private else None  # None: a new repository is public, an existing one keeps its setting
+    try:
+        if args.space:
+            info = push_space_folder(
+                args.folder,
+                args.repo_id,
+                private=private,
+                token=args.token,
+                include_package=not args.no_package,
+                model_dirs=args.with_model or (),
+                commit_message=args.commit_message,
+            )
+        else:
+            if args.with_model or args.no_package:
+                raise SystemExit("hf-useg push: --with-model and --no-package only apply with --space")
+            info = push_model_folder(
+                args.folder,
+                args.repo_id,
+                private=private,
+                token=args.token,
+                card="keep" if args.keep_card else "regenerate",
+                revision=args.revision,
+                commit_message=args.commit_message,
+            )
+    except (ValueError, OSError) as error:  # bad folders; HTTP, auth and offline errors of huggingface_hub
+        raise SystemExit(f"hf-useg push: {error}") from error
+    print(f"pushed {args.folder} -> {info.repo_url} ({info.commit_url})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-useg", description="Unsupervised semantic segmentation on the HF stack")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -126,6 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="demo_output")
     demo.add_argument("--steps", type=int, default=None)
     demo.set_defaults(func=cmd_demo)
+
+    push = commands.add_parser("push", help="upload a model folder (or the Space folder, --space) to the Hub")
+    push.add_argument("folder", help="model folder (config.json, weights, image processor) or, with --space, spaces/")
+    push.add_argument("repo_id", help="the Hub repository, e.g. me/stego-camvid")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--token", default=None, help="Hub token (default: the logged-in user's, or HF_TOKEN)")
+    push.add_argument("--space", action="store_true", help="push the folder as a Gradio Space")
+    push.add_argument(
+        "--keep-card", action="store_true", help="upload the folder's README.md instead of regenerating it"
+    )
+    push.add_argument("--revision", default=None, help="branch to push to (model repositories)")
+    push.add_argument("--commit-message", default=None)
+    push.add_argument(
+        "--with-model", action="append", metavar="MODEL_DIR", help="(--space) bundle a model folder into the Space"
+    )
+    push.add_argument("--no-package", action="store_true", help="(--space) do not bundle the hf_useg source")
+    push.set_defaults(func=cmd_push)
+
+    convert = commands.add_parser("convert", help="convert a released checkpoint into a model folder")
+    convert.add_argument("method", choices=["stego"], help="the method whose checkpoint it is")
+    convert.add_argument("checkpoint", help="the released checkpoint file (e.g. cocostuff27_vit_base_5.ckpt)")
+    convert.add_argument("output_dir", help="model folder to write (from_pretrained / pipeline loads it)")
+    convert.add_argument("--backbone-name", default=None, help="Hub id of the backbone (default: inferred)")
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 

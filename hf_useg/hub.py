@@ -1,15 +1,56 @@
-"""Model cards and Hub uploads (`huggingface_hub`)."""
+"""Model cards and Hub uploads (`huggingface_hub`).
+
+* [`generate_model_card`] builds the card of a trained, fitted or converted model: `ModelCardData` metadata
+  (``pipeline_tag: image-segmentation``, ``library_name: hf_useg``, base model, datasets, a ``model-index`` with
+  the cluster- and linear-probe accuracy and mIoU) and a body with the results, the evaluation protocol and usage.
+* [`model_card_from_folder`] does the same for a saved model folder (``config.json``, ``training_summary.json``,
+  ``eval_results.json``), [`validate_model_card`] checks a card offline, [`card_eval_results`] reads the numbers
+  back.
+* [`push_model_folder`] uploads a model folder (weights, config, image processor, card) in one commit and
+  [`push_space_folder`] uploads the Gradio Space (``spaces/``, with the `hf_useg` source so that it runs without
+  a released package). ``hf-useg push`` is their command line.
+
+Example:
+
+```python
+>>> from hf_useg.hub import model_card_from_folder, push_model_folder, validate_model_card
+>>> card = model_card_from_folder("outputs/stego/model", repo_id="me/stego-camvid")     # doctest: +SKIP
+>>> validate_model_card(card).pipeline_tag                                              # doctest: +SKIP
+'image-segmentation'
+>>> push_model_folder("outputs/stego/model", "me/stego-camvid", private=True)            # doctest: +SKIP
+```
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.repocard import RepoCard
 
-__all__ = ["generate_model_card", "METHOD_INFO"]
+__all__ = [
+    "METHOD_INFO",
+    "card_eval_results",
+    "generate_model_card",
+    "model_card_from_folder",
+    "push_model_folder",
+    "push_space_folder",
+    "validate_model_card",
+]
 
+LIBRARY_NAME = "hf_useg"
+LIBRARY_URL = "https://github.com/hf-useg/hf_useg"
+PIPELINE_TAG = "image-segmentation"
+TASK_NAME = "Unsupervised semantic segmentation"
+
+# model_type -> (display name, reference, one-line description)
 METHOD_INFO = {
     "stego": (
         "STEGO",
@@ -30,83 +71,205 @@ METHOD_INFO = {
     "iic": ("IIC", "Ji et al., ICCV 2019, arXiv:1807.06653", "Invariant information clustering."),
 }
 
+# evaluation entries (keys of `hf_useg.inference.evaluate_segmenter`'s result) -> (card title, matching)
+PROBES = {
+    "cluster": ("cluster probe (unsupervised)", "hungarian"),
+    "linear": ("linear probe (supervised)", "none"),
+    "cluster_crf": ("cluster probe + dense CRF", "hungarian"),
+    "linear_crf": ("linear probe + dense CRF", "none"),
+}
+# metric key in the results -> (model-index metric type, display name)
+METRICS = {"accuracy": ("accuracy", "pixel accuracy"), "mean_iou": ("mean_iou", "mIoU")}
 
-def _percent(value: Any) -> str:
+_PROTOCOL_ROWS = (
+    ("resolution", "resolution (shorter side, px)"),
+    ("crop", "crop"),
+    ("flip_tta", "horizontal-flip TTA"),
+    ("crf", "dense CRF"),
+    ("matching", "cluster-to-class matching"),
+    ("precision", "mixed precision"),
+    ("split", "evaluation split"),
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]*[A-Za-z0-9]$")
+_SYNTHETIC_DATASET = ("synthetic-scenes", "generated synthetic scenes (not real data)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model cards
+
+
+def _looks_like_hub_id(name: Any) -> bool:
+    """``owner/name`` that is not an existing local path (a Hub id the card may link to)."""
+    return (
+        isinstance(name, str)
+        and bool(_HUB_ID.match(name))
+        and ".." not in name
+        and not os.path.exists(name)
+        and len(name) <= 96
+    )
+
+
+def _dataset_fields(dataset: Any, dataset_id: str | None) -> tuple[str, str, str | None]:
+    """(model-index dataset type, display name, Hub dataset id or None) for the training summary's ``dataset``."""
+    if dataset_id is not None:
+        return dataset_id, dataset_id, dataset_id if _looks_like_hub_id(dataset_id) else None
+    if not dataset:
+        return "unknown", "unknown data", None
+    dataset = str(dataset)
+    if dataset == "synthetic" or dataset.startswith("generated synthetic"):
+        return _SYNTHETIC_DATASET[0], _SYNTHETIC_DATASET[1], None
+    if _looks_like_hub_id(dataset):
+        return dataset, dataset, dataset
+    if os.path.exists(dataset) or "/" in dataset or "\\" in dataset:
+        # a local folder or file: its name, never the machine's path
+        slug = Path(dataset.rstrip("/\\")).name or "local-data"
+        return slug, f"{slug} (local data)", None
+    return re.sub(r"\s+", "-", dataset.strip()), dataset, None  # a plain name, e.g. "cocostuff27"
+
+
+def _percent(value: Any, where: str) -> float:
+    """A metric fraction in [0, 1] as a percentage with two decimals (what the card and model-index carry)."""
     try:
-        return f"{100 * float(value):.1f}"
+        number = float(value)
     except (TypeError, ValueError):
-        return "-"
+        raise ValueError(f"{where} must be a number in [0, 1], got {value!r}") from None
+    if not math.isfinite(number) or not 0.0 <= number <= 1.0:
+        raise ValueError(f"{where} must be a fraction in [0, 1], got {value!r}")
+    return round(100.0 * number, 2)
+
+
+def _config_of(model: Any) -> tuple[Any, str]:
+    """(config, model class name) of a model or a config."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "model_type"):
+        return config, type(model).__name__
+    if hasattr(model, "model_type") and hasattr(model, "to_dict"):
+        architectures = getattr(model, "architectures", None) or []
+        return model, architectures[0] if architectures else "AutoModel"
+    raise TypeError(f"expected a segmentation model or its config, got {type(model).__name__}")
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _format_protocol_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
 
 
 def generate_model_card(
     model,
     *,
-    summary: dict[str, Any] | None = None,
-    results: dict[str, dict[str, Any]] | None = None,
+    summary: Mapping[str, Any] | None = None,
+    results: Mapping[str, Mapping[str, Any]] | None = None,
     class_names: Sequence[str] | None = None,
     repo_id: str | None = None,
     dataset_id: str | None = None,
+    base_model: str | None = None,
+    model_name: str | None = None,
     license: str = "apache-2.0",
 ) -> ModelCard:
     """A `huggingface_hub.ModelCard` for a trained, fitted or converted model, with its evaluation results.
 
     Args:
+        model: the model (or its config).
         summary: the training summary (``method``, ``backbone``, ``dataset``, ``steps``, ``eval_protocol``,
-            ``per_class_table``), as written by `hf_useg.trainer.train`.
-        results: ``{"cluster": metric dict, "linear": ...}`` from `hf_useg.inference.evaluate_segmenter`; they
-            become ``model-index`` eval results (accuracy and mIoU in percent) and the card's table.
-        repo_id: where the model will live (used in the usage snippet).
+            ``per_class_table``), as written by `hf_useg.trainer.train` (``training_summary.json``). A
+            ``"notes"`` string, when present, is added to the card (e.g. where a converted checkpoint came from).
+        results: ``{"cluster": metric dict, "linear": ..., "cluster_crf": ..., "linear_crf": ...}`` from
+            `hf_useg.inference.evaluate_segmenter` (or ``eval_results.json``): ``accuracy`` and ``mean_iou``
+            (fractions) become ``model-index`` eval results in percent with two decimals, and the card's table.
+        class_names: the dataset's class names (listed in the card when given).
+        repo_id: where the model will live (the model-index name and the usage snippets).
+        dataset_id: the Hub id of the training/evaluation data when the summary names a local copy.
+        base_model: the backbone's Hub id; by default the summary's ``backbone`` (or ``config.backbone_name``)
+            when it is a Hub id (random and local backbones are described in the text only).
+
+    Raises:
+        ValueError: for results that are not fractions in [0, 1] or lack ``accuracy``/``mean_iou``.
 
     Example:
 
     ```python
-    >>> card = generate_model_card(model, summary=summary, results=results)   # doctest: +SKIP
-    >>> card.save("out/README.md")                                            # doctest: +SKIP
+    >>> from transformers import ViTConfig
+    >>> from hf_useg import StegoConfig
+    >>> tiny = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+    ...                  patch_size=8, image_size=32)
+    >>> card = generate_model_card(StegoConfig(backbone_config=tiny, dim=8, num_classes=3),
+    ...                            results={"cluster": {"accuracy": 0.5, "mean_iou": 0.25}}, repo_id="me/stego")
+    >>> card.data.pipeline_tag, [(r.metric_type, r.metric_value) for r in card.data.eval_results]
+    ('image-segmentation', [('accuracy', 50.0), ('mean_iou', 25.0)])
     ```
     """
     summary = dict(summary or {})
-    config = model.config
+    config, class_name = _config_of(model)
+    model_type = config.model_type
     method_name, reference, description = METHOD_INFO.get(
-        config.model_type, (config.model_type, "", "Unsupervised semantic segmentation model.")
+        model_type, (model_type, "", "Unsupervised semantic segmentation model.")
     )
-    dataset = str(summary.get("dataset", dataset_id or "unknown data"))
-    model_name = repo_id.split("/")[-1] if repo_id else f"{config.model_type}-segmentation"
-    protocol = summary.get("eval_protocol") or {}
-    eval_results = []
-    rows = []
-    for probe in ("cluster", "linear", "cluster_crf", "linear_crf"):
-        if not results or probe not in results:
-            continue
-        values = results[probe]
-        rows.append(
-            f"| {probe.replace('_', ' + ')} | {_percent(values['accuracy'])} | {_percent(values['mean_iou'])} |"
-        )
-        for metric, key in (("accuracy", "accuracy"), ("mean_iou", "mean_iou")):
+    dataset_type, dataset_name, hub_dataset = _dataset_fields(summary.get("dataset"), dataset_id)
+    if model_name is None:
+        model_name = repo_id.split("/")[-1] if repo_id else f"{model_type}-segmentation"
+    protocol = dict(summary.get("eval_protocol") or {})
+
+    eval_results: list[EvalResult] = []
+    result_rows = []
+    for probe, values in (results or {}).items():
+        if probe not in PROBES:
+            continue  # e.g. extra entries of a richer results dict
+        title, matching = PROBES[probe]
+        if not isinstance(values, Mapping) or any(key not in values for key in METRICS):
+            raise ValueError(f"results[{probe!r}] must hold 'accuracy' and 'mean_iou', got {values!r:.200}")
+        row = [title]
+        for key, (metric_type, display) in METRICS.items():
+            value = _percent(values[key], f"results[{probe!r}][{key!r}]")
+            row.append(f"{value:.2f}")
             eval_results.append(
                 EvalResult(
-                    task_type="image-segmentation",
-                    task_name="Unsupervised semantic segmentation",
-                    dataset_type=dataset_id or dataset.split(" ")[0],
-                    dataset_name=dataset,
+                    task_type=PIPELINE_TAG,
+                    task_name=TASK_NAME,
+                    dataset_type=dataset_type,
+                    dataset_name=dataset_name,
                     dataset_split=protocol.get("split"),
-                    metric_type=metric,
-                    metric_name=f"{probe} probe {metric.replace('_', ' ')} (%)",
-                    metric_value=round(100 * float(values[key]), 2),
+                    metric_type=metric_type,
+                    metric_name=f"{title} {display} (%)",
+                    metric_config=probe,
+                    metric_args={
+                        "matching": protocol.get("matching", matching) if matching == "hungarian" else matching
+                    },
+                    metric_value=value,
                 )
             )
-    base_model = summary.get("backbone") or getattr(config, "backbone_name", None)
+        result_rows.append(row)
+
+    backbone = summary.get("backbone") or getattr(config, "backbone_name", None)
+    if base_model is None and _looks_like_hub_id(backbone):
+        base_model = backbone
+    tags = ["unsupervised-semantic-segmentation", "semantic-segmentation", model_type, LIBRARY_NAME]
     card_data = ModelCardData(
-        library_name="hf_useg",
-        pipeline_tag="image-segmentation",
+        library_name=LIBRARY_NAME,
+        pipeline_tag=PIPELINE_TAG,
         license=license,
-        tags=["unsupervised-semantic-segmentation", "image-segmentation", config.model_type, "hf_useg"],
-        base_model=base_model if base_model and "/" in base_model and " " not in base_model else None,
-        datasets=[dataset_id] if dataset_id else None,
-        metrics=["accuracy", "mean_iou"] if eval_results else None,
+        tags=tags,
+        base_model=base_model,
+        datasets=[hub_dataset] if hub_dataset else None,
+        metrics=[metric_type for metric_type, _ in METRICS.values()] if eval_results else None,
         model_name=model_name,
         eval_results=eval_results or None,
     )
-    protocol_text = ", ".join(f"{key}: {value}" for key, value in protocol.items()) or "see hf_useg.inference"
+
+    protocol_rows = [
+        (display, _format_protocol_value(protocol[key])) for key, display in _PROTOCOL_ROWS if key in protocol
+    ]
+    protocol_rows += [
+        (key, _format_protocol_value(value)) for key, value in protocol.items() if key not in dict(_PROTOCOL_ROWS)
+    ]
+    id2label = getattr(config, "id2label", None) or {}
+    segment_names = [str(id2label[key]) for key in sorted(id2label, key=int)]
     template = resources.files("hf_useg").joinpath("resources/model_card_template.md").read_text()
     return ModelCard.from_template(
         card_data,
@@ -115,12 +278,351 @@ def generate_model_card(
         method_name=method_name,
         method_reference=reference,
         method_summary=description,
-        backbone=base_model or "unknown",
-        dataset=dataset,
+        backbone=backbone or "unknown",
+        base_model=base_model,
+        dataset=dataset_name,
         steps=summary.get("steps"),
-        eval_table="\n".join(rows),
-        protocol=protocol_text,
+        notes=summary.get("notes"),
+        results_table=_markdown_table(["probe", "pixel accuracy (%)", "mIoU (%)"], result_rows) if result_rows else "",
+        protocol_table=_markdown_table(["setting", "value"], protocol_rows) if protocol_rows else "",
         per_class_table=summary.get("per_class_table"),
+        segment_names=", ".join(segment_names),
+        num_segments=len(segment_names),
+        class_names=", ".join(str(name) for name in class_names) if class_names else None,
         repo_id=repo_id or "path/to/this/model",
-        model_class=type(model).__name__,
+        model_class=class_name,
+        library_url=LIBRARY_URL,
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+
+
+def model_card_from_folder(
+    folder: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    dataset_id: str | None = None,
+    base_model: str | None = None,
+    license: str = "apache-2.0",
+) -> ModelCard:
+    """The card of a saved model folder: its ``config.json``, and when present ``training_summary.json`` (method,
+    backbone, data, protocol) and ``eval_results.json`` (the measured numbers) as written by training or
+    ``hf-useg evaluate --output-dir <folder>``.
+
+    Example:
+
+    ```python
+    >>> card = model_card_from_folder("outputs/stego-tiny/model", repo_id="me/stego-tiny")   # doctest: +SKIP
+    >>> card.save("outputs/stego-tiny/model/README.md")                                      # doctest: +SKIP
+    ```
+    """
+    from transformers import AutoConfig
+
+    import hf_useg  # noqa: F401  (registers the configs with AutoConfig)
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a model folder: it has no config.json")
+    config = AutoConfig.from_pretrained(folder)
+    summary = _read_json(folder / "training_summary.json") if (folder / "training_summary.json").is_file() else {}
+    results = _read_json(folder / "eval_results.json") if (folder / "eval_results.json").is_file() else None
+    return generate_model_card(
+        config,
+        summary=summary,
+        results=results,
+        repo_id=repo_id,
+        dataset_id=dataset_id,
+        base_model=base_model,
+        license=license,
+    )
+
+
+def _as_card(card: ModelCard | str | os.PathLike) -> ModelCard:
+    if isinstance(card, RepoCard):
+        return ModelCard(str(card))
+    if isinstance(card, os.PathLike) or (isinstance(card, str) and not card.lstrip().startswith("---")):
+        path = Path(card)
+        if not path.is_file():
+            raise ValueError(f"{card!s:.100} is neither a model card (text starting with '---') nor a file")
+        return ModelCard(path.read_text())
+    if isinstance(card, str):
+        return ModelCard(card)
+    raise TypeError(f"expected a ModelCard, its text or a README.md path, got {type(card).__name__}")
+
+
+def validate_model_card(card: ModelCard | str | os.PathLike) -> ModelCardData:
+    """Check a model card offline and return its parsed metadata.
+
+    `huggingface_hub` parses the YAML block (an invalid ``model-index`` raises), the metadata must survive a
+    write/parse round trip unchanged, and the fields the Hub and the ``image-segmentation`` pipeline rely on must
+    be present and well formed: ``pipeline_tag: image-segmentation``, ``library_name``, ``license``, Hub ids for
+    ``base_model``/``datasets``, and eval results with finite percentages. (``ModelCard.validate()`` asks the
+    Hub's own validator and needs the network; uploads with `push_model_folder` go through it.)
+
+    Raises:
+        ValueError: naming every problem found.
+
+    Example:
+
+    ```python
+    >>> validate_model_card("---\\nlicense: mit\\n---\\n# card")
+    Traceback (most recent call last):
+    ...
+    ValueError: invalid model card: pipeline_tag is None, expected 'image-segmentation'; library_name is missing
+    ```
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        parsed = _as_card(card)
+    except ValueError as error:
+        raise ValueError(f"invalid model card: {error}") from error
+    data = parsed.data
+    problems = []
+    reparsed = ModelCard(str(parsed)).data.to_dict()
+    if reparsed != data.to_dict():
+        problems.append("the metadata does not survive a write/parse round trip")
+    if data.pipeline_tag != PIPELINE_TAG:
+        problems.append(f"pipeline_tag is {data.pipeline_tag!r}, expected {PIPELINE_TAG!r}")
+    if not data.library_name:
+        problems.append("library_name is missing")
+    if not data.license:
+        problems.append("license is missing")
+    for field in ("base_model", "datasets"):
+        ids = data.get(field)
+        for repo_id in [ids] if isinstance(ids, str) else ids or []:
+            try:
+                validate_repo_id(repo_id)
+            except HFValidationError as error:
+                problems.append(f"{field} {repo_id!r} is not a Hub id ({error})")
+    for result in data.eval_results or []:
+        where = f"eval result {result.metric_name or result.metric_type!r}"
+        value = result.metric_value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            problems.append(f"{where} has a non-numeric value {value!r}")
+        elif not 0.0 <= value <= 100.0:
+            problems.append(f"{where} = {value} is not a percentage")
+        if not result.dataset_type or not result.dataset_name:
+            problems.append(f"{where} names no dataset")
+    if problems:
+        raise ValueError("invalid model card: " + "; ".join(problems))
+    return data
+
+
+def card_eval_results(card: ModelCard | str | os.PathLike) -> dict[str, dict[str, float]]:
+    """The eval results a card carries, as ``{probe: {"accuracy": %, "mean_iou": %}}`` (read from the parsed
+    ``model-index``; the probe is the metric's ``config``).
+
+    Example:
+
+    ```python
+    >>> card_eval_results(card)                      # doctest: +SKIP
+    {'cluster': {'accuracy': 76.32, 'mean_iou': 52.99}, 'linear': {'accuracy': 38.16, 'mean_iou': 15.7}}
+    ```
+    """
+    data = _as_card(card).data
+    table: dict[str, dict[str, float]] = {}
+    for result in data.eval_results or []:
+        probe = result.metric_config or "unknown"
+        table.setdefault(probe, {})[result.metric_type] = result.metric_value
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# uploads
+
+# never uploaded from a model or Space folder
+_SKIPPED_NAMES = {"__pycache__", ".git", ".ipynb_checkpoints", "checkpoints", ".gradio", "flagged"}
+
+
+def _folder_files(folder: Path) -> Iterator[tuple[str, Path]]:
+    """(path in repo, local path) of the files to upload: hidden files, caches and checkpoints are left out."""
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") or part in _SKIPPED_NAMES for part in relative.parts):
+            continue
+        if path.is_file() and path.suffix not in (".pyc", ".pyo"):
+            yield relative.as_posix(), path
+
+
+def _check_model_folder(folder: Path) -> None:
+    from transformers import AutoConfig
+
+    import hf_useg
+
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a model folder: it has no config.json (save it with save_pretrained)")
+    weights = list(folder.glob("*.safetensors")) + list(folder.glob("*.safetensors.index.json"))
+    if not weights:
+        raise ValueError(f"{folder} has no *.safetensors weights: save the model with save_pretrained first")
+    model_types = {config_class.model_type for config_class, _ in hf_useg._SEGMENTATION_MODELS}
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type not in model_types:
+        raise ValueError(
+            f"{folder} holds a {config.model_type!r} model, not an hf_useg segmentation model ({sorted(model_types)})"
+        )
+    if not (folder / "preprocessor_config.json").is_file():
+        raise ValueError(
+            f"{folder} has no preprocessor_config.json: save the image processor too (the pipeline and the Space "
+            "need it), e.g. whole_image_processor(resolution, patch_size).save_pretrained(folder)"
+        )
+
+
+def push_model_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    card: str = "regenerate",
+    dataset_id: str | None = None,
+    base_model: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    endpoint: str | None = None,
+):
+    """Upload a saved model folder to the Hub in one commit: ``create_repo`` (``exist_ok``) then ``create_commit``
+    with every file of the folder (weights, config, image processor, evaluation files) and the card as
+    ``README.md``.
+
+    Args:
+        card: ``"regenerate"`` (default: [`model_card_from_folder`] with ``repo_id`` in the usage snippets) or
+            ``"keep"`` (upload the folder's own ``README.md``). Either way the card is checked with
+            [`validate_model_card`] before anything is sent, and the Hub validates it again on commit.
+        private: create the repository private (an existing repository keeps its visibility).
+        token: a Hub token; default: the logged-in user's (``hf auth login`` / ``HF_TOKEN``).
+        endpoint: the Hub URL (default ``HF_ENDPOINT`` / huggingface.co).
+
+    Returns:
+        The `huggingface_hub.CommitInfo` of the commit (``.commit_url``, ``.repo_url``).
+
+    Example:
+
+    ```python
+    >>> info = push_model_folder("outputs/stego-camvid/model", "me/stego-camvid")    # doctest: +SKIP
+    >>> info.repo_url                                                                  # doctest: +SKIP
+    RepoUrl('https://huggingface.co/me/stego-camvid', endpoint='https://huggingface.co', repo_type='model', ...)
+    ```
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    folder = Path(folder)
+    _check_model_folder(folder)
+    if card == "regenerate":
+        readme = str(model_card_from_folder(folder, repo_id=repo_id, dataset_id=dataset_id, base_model=base_model))
+    elif card == "keep":
+        if not (folder / "README.md").is_file():
+            raise ValueError(f"card='keep' but {folder} has no README.md: use card='regenerate'")
+        readme = (folder / "README.md").read_text()
+    else:
+        raise ValueError(f"card must be 'regenerate' or 'keep', got {card!r}")
+    validate_model_card(ModelCard(readme))
+
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+        for name, path in _folder_files(folder)
+        if name != "README.md"
+    ]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme.encode("utf-8")))
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    return api.create_commit(
+        repo_id,
+        operations,
+        commit_message=commit_message or "Upload hf_useg model",
+        revision=revision,
+        repo_type="model",
+    )
+
+
+def _space_front_matter(readme: Path) -> dict[str, Any]:
+    import yaml
+
+    text = readme.read_text()
+    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, flags=re.DOTALL)
+    if not match:
+        raise ValueError(f"{readme} has no YAML front matter (--- ... ---) with the Space settings")
+    data = yaml.safe_load(match.group(1)) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{readme}: the front matter must be a mapping")
+    return data
+
+
+def push_space_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    include_package: bool = True,
+    model_dirs: Sequence[str | os.PathLike] = (),
+    commit_message: str | None = None,
+    endpoint: str | None = None,
+):
+    """Upload the Gradio Space folder (``spaces/``: ``app.py``, ``README.md`` with the Space front matter,
+    ``requirements.txt``) as a Space (``repo_type="space"``, ``space_sdk="gradio"``).
+
+    Args:
+        include_package: also upload the `hf_useg` package source as ``hf_useg/`` beside ``app.py`` (default), so
+            the Space runs this exact code without a released package.
+        model_dirs: saved model folders to bundle as ``models/<folder name>/`` (the app lists them); Hub models
+            are better named in the Space's ``HF_USEG_MODELS`` variable instead.
+
+    Returns:
+        The `huggingface_hub.CommitInfo` of the commit.
+
+    Example:
+
+    ```python
+    >>> push_space_folder("spaces", "me/hf-useg-demo", model_dirs=["outputs/stego/model"])   # doctest: +SKIP
+    ```
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    if not (folder / "README.md").is_file():
+        raise ValueError(f"{folder} has no README.md: a Space needs one with its front matter (sdk, app_file)")
+    settings = _space_front_matter(folder / "README.md")
+    sdk = settings.get("sdk")
+    if sdk != "gradio":
+        raise ValueError(f"{folder}/README.md declares sdk {sdk!r}; this helper uploads Gradio Spaces (sdk: gradio)")
+    app_file = settings.get("app_file", "app.py")
+    if not (folder / app_file).is_file():
+        raise ValueError(f"{folder}/README.md names app_file {app_file!r}, which does not exist")
+
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in _folder_files(folder)
+    ]
+    if include_package:
+        package = Path(__file__).resolve().parent
+        operations += [
+            CommitOperationAdd(path_in_repo=f"hf_useg/{name}", path_or_fileobj=str(path))
+            for name, path in _folder_files(package)
+        ]
+    for model_dir in model_dirs:
+        model_dir = Path(model_dir)
+        _check_model_folder(model_dir)
+        name = model_dir.resolve().name
+        operations += [
+            CommitOperationAdd(path_in_repo=f"models/{name}/{relative}", path_or_fileobj=str(path))
+            for relative, path in _folder_files(model_dir)
+        ]
+    paths = [operation.path_in_repo for operation in operations]
+    duplicates = sorted({path for path in paths if paths.count(path) > 1})
+    if duplicates:
+        raise ValueError(f"two files would land on the same path in the Space: {duplicates}")
+
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+    return api.create_commit(
+        repo_id, operations, commit_message=commit_message or "Upload hf_useg Space", repo_type="space"
     )
