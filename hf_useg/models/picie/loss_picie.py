@@ -136,9 +136,7 @@ def overclustering_loss_weights(k1: int, k2: int) -> tuple[float, float]:
     return log_k2 / (log_k1 + log_k2), log_k1 / (log_k1 + log_k2)
 
 
-def _check_view(
-    name: str, features: torch.Tensor, labels: torch.Tensor, num_clusters: int, ignore_index: int
-) -> None:
+def _check_view(name: str, features: torch.Tensor, labels: torch.Tensor, num_clusters: int, ignore_index: int) -> None:
     batch_size, _, height, width = features.shape
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(labels).__name__}")
@@ -172,9 +170,7 @@ def _check_weights(
     if not weights.is_floating_point():
         raise TypeError(f"`{name}` must be floating point, got {weights.dtype}")
     if not bool(weights.to(labels.device)[labels[labels != ignore_index]].sum() > 0):
-        raise ValueError(
-            f"`{name}` gives zero total weight to the pixels' targets: the weighted mean is undefined"
-        )
+        raise ValueError(f"`{name}` gives zero total weight to the pixels' targets: the weighted mean is undefined")
 
 
 def _cross_entropy(
@@ -332,9 +328,7 @@ def picie_loss_with_overclustering(
     1.0
     ```
     """
-    main = picie_loss(
-        features1, features2, centroids1, centroids2, labels1, labels2, weights1, weights2, ignore_index
-    )
+    main = picie_loss(features1, features2, centroids1, centroids2, labels1, labels2, weights1, weights2, ignore_index)
     over = picie_loss(
         features1,
         features2,
@@ -346,9 +340,7 @@ def picie_loss_with_overclustering(
         over_weights2,
         ignore_index,
     )
-    main_weight, over_weight = overclustering_loss_weights(
-        int(centroids1.shape[0]), int(over_centroids1.shape[0])
-    )
+    main_weight, over_weight = overclustering_loss_weights(int(centroids1.shape[0]), int(over_centroids1.shape[0]))
     return PicieOverclusteringLossOutput(
         loss=main_weight * main.loss + over_weight * over.loss,
         main=main,

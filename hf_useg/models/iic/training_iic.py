@@ -1,0 +1,517 @@
+"""IIC's training recipe for `hf_useg.trainer` (METHODS 3.2) and its evaluation of both heads (METHODS 3.3).
+
+* Views (built here, in the data pipeline, from the step's generator): view 1 is the processed image; view 2 is a
+  colour-jittered copy (brightness, contrast, saturation, hue in random order, like torchvision's `ColorJitter`,
+  written in torch) flipped horizontally with probability `flip_p`; `affine2_to_1` negates the x row for flipped
+  items; the mask is all ones (or the valid-label pixels with `mask_unlabelled`).
+* Alternation: steps are cut into phases of `head_b_steps` steps training head B and `head_a_steps` steps
+  training head A (head B first unless `head_a_first`); a phase of `None` steps is one pass over the training set,
+  which is IIC's alternation of full epochs. The head of a step depends on the step number only, so resuming is
+  exact.
+* One Adam optimiser over every trainable parameter, constant learning rate (as IIC). Parameters of the head not
+  trained in a step get no gradient and Adam leaves them (and their moments) untouched.
+* The logged loss is −MI: **negative**, and lower is better.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ...data.processing import ProcessedSegmentationDataset, collate_segmentation_batch
+from ...evaluation import UnsupervisedSegmentationMetric, fit_and_score
+from .configuration_iic import IMAGENET_MEAN, IMAGENET_STD, IicConfig
+from .modeling_iic import IicForUnsupervisedSegmentation
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "IicViews",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
+    "build_model",
+    "color_jitter",
+    "evaluate_iic_heads",
+    "final_evaluation",
+    "head_for_step",
+    "hsv_to_rgb",
+    "make_iic_views",
+    "rgb_to_hsv",
+    "train",
+]
+
+# torchvision's `rgb_to_grayscale` weights, used by its contrast and saturation adjustments.
+_JITTER_GREY = (0.2989, 0.587, 0.114)
+_FLOAT_FIELDS = {
+    "lamb_a",
+    "lamb_b",
+    "learning_rate",
+    "jitter_brightness",
+    "jitter_contrast",
+    "jitter_saturation",
+    "jitter_hue",
+    "flip_p",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# colour jitter in torch (images in [0, 1], shape [..., 3, H, W])
+
+
+def _grey(images: torch.Tensor) -> torch.Tensor:
+    weights = torch.tensor(_JITTER_GREY, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    return (images * weights).sum(dim=-3, keepdim=True)
+
+
+def adjust_brightness(images: torch.Tensor, factor: float) -> torch.Tensor:
+    """`clamp(factor * x, 0, 1)`."""
+    return (images * factor).clamp(0.0, 1.0)
+
+
+def adjust_contrast(images: torch.Tensor, factor: float) -> torch.Tensor:
+    """Blend with the mean grey level of each image: `clamp(f * x + (1 - f) * mean(grey(x)), 0, 1)`."""
+    mean = _grey(images).mean(dim=(-3, -2, -1), keepdim=True)
+    return (factor * images + (1.0 - factor) * mean).clamp(0.0, 1.0)
+
+
+def adjust_saturation(images: torch.Tensor, factor: float) -> torch.Tensor:
+    """Blend with the greyscale image: `clamp(f * x + (1 - f) * grey(x), 0, 1)`."""
+    return (factor * images + (1.0 - factor) * _grey(images)).clamp(0.0, 1.0)
+
+
+def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] -> HSV with every channel in [0, 1] (hue as a fraction of a turn; 0 for greys)."""
+    red, green, blue = images.unbind(dim=-3)
+    value = images.amax(dim=-3)
+    delta = value - images.amin(dim=-3)
+    saturation = torch.where(value > 0, delta / torch.where(value > 0, value, torch.ones_like(value)), 0.0)
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    red_c, green_c, blue_c = (value - red) / safe, (value - green) / safe, (value - blue) / safe
+    hue = torch.where(
+        value == red, blue_c - green_c, torch.where(value == green, 2.0 + red_c - blue_c, 4.0 + green_c - red_c)
+    )
+    hue = torch.where(delta > 0, torch.remainder(hue / 6.0, 1.0), 0.0)
+    return torch.stack([hue, saturation, value], dim=-3)
+
+
+def hsv_to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Inverse of [`rgb_to_hsv`]."""
+    hue, saturation, value = images.unbind(dim=-3)
+    sector = torch.floor(hue * 6.0)
+    fraction = hue * 6.0 - sector
+    sector = torch.remainder(sector, 6).long()
+    p = value * (1.0 - saturation)
+    q = value * (1.0 - saturation * fraction)
+    t = value * (1.0 - saturation * (1.0 - fraction))
+    # per sector 0..5: (r, g, b) = (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q)
+    red = torch.stack([value, q, p, p, t, value], dim=0)
+    green = torch.stack([t, value, value, q, p, p], dim=0)
+    blue = torch.stack([p, p, t, value, value, q], dim=0)
+    index = sector.unsqueeze(0)
+    return torch.stack([c.gather(0, index)[0] for c in (red, green, blue)], dim=-3)
+
+
+def adjust_hue(images: torch.Tensor, shift: float) -> torch.Tensor:
+    """Rotate the hue by `shift` turns (in [-0.5, 0.5])."""
+    hsv = rgb_to_hsv(images)
+    hue = torch.remainder(hsv[..., 0, :, :] + shift, 1.0)
+    return hsv_to_rgb(torch.stack([hue, hsv[..., 1, :, :], hsv[..., 2, :, :]], dim=-3)).clamp(0.0, 1.0)
+
+
+def _uniform(low: float, high: float, generator: torch.Generator) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator, dtype=torch.float64))
+
+
+def color_jitter(
+    image: torch.Tensor,
+    generator: torch.Generator,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.125,
+) -> torch.Tensor:
+    """torchvision-style `ColorJitter` of one image `[3, H, W]` in [0, 1], drawn from `generator`.
+
+    Draws, in this order: a random order of the four adjustments (`randperm(4)`), then for each adjustment with
+    a non-zero strength its factor, uniform in `[max(0, 1 - s), 1 + s]` (hue: shift uniform in `[-s, s]`).
+    Adjustments of strength 0 are skipped (no draw). Works in float (IIC jitters uint8 PIL images).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> image = torch.rand(3, 8, 8)
+    >>> out = color_jitter(image, torch.Generator().manual_seed(0))
+    >>> out.shape, bool(out.min() >= 0 and out.max() <= 1)
+    (torch.Size([3, 8, 8]), True)
+    ```
+    """
+    order = torch.randperm(4, generator=generator).tolist()
+    factors = [
+        _uniform(max(0.0, 1.0 - brightness), 1.0 + brightness, generator) if brightness > 0 else None,
+        _uniform(max(0.0, 1.0 - contrast), 1.0 + contrast, generator) if contrast > 0 else None,
+        _uniform(max(0.0, 1.0 - saturation), 1.0 + saturation, generator) if saturation > 0 else None,
+        _uniform(-hue, hue, generator) if hue > 0 else None,
+    ]
+    functions = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    for index in order:
+        if factors[index] is not None:
+            image = functions[index](image, factors[index])
+    return image
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# view pairs
+
+
+@dataclass
+class IicViews:
+    """A batch of IIC view pairs: `pixel_values` (view 1), `pixel_values_pair` (view 2), `affine2_to_1` `[B, 2, 3]`
+    (view 2 -> view 1; x row negated for flipped items), `mask` `[B, H, W]` (float 0/1) and `flipped` `[B]` bool."""
+
+    pixel_values: torch.Tensor
+    pixel_values_pair: torch.Tensor
+    affine2_to_1: torch.Tensor
+    mask: torch.Tensor
+    flipped: torch.Tensor
+
+
+def make_iic_views(
+    pixel_values: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.125,
+    flip_p: float = 0.5,
+    image_mean: Sequence[float] = IMAGENET_MEAN,
+    image_std: Sequence[float] = IMAGENET_STD,
+    labels: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    mask_unlabelled: bool = False,
+) -> IicViews:
+    """IIC's view pair for a batch of normalised images `[B, 3, H, W]` (METHODS 3.2), deterministic given
+    `generator`.
+
+    For each image in turn: [`color_jitter`] draws (on the image un-normalised to [0, 1], re-normalised after),
+    then one uniform draw `u`; the image is flipped horizontally when `u < flip_p`, and its `affine2_to_1` is then
+    `[[-1, 0, 0], [0, 1, 0]]` (identity otherwise), so `grid_sample(view2, affine_grid(affine2_to_1))` is view 1's
+    geometry. View 1 is `pixel_values` unchanged. The mask is all ones; with `mask_unlabelled` it is 1 only where
+    `0 <= labels < num_classes` (what IIC's released code does on COCO-Stuff-3 / Potsdam).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> views = make_iic_views(torch.randn(2, 3, 16, 16), torch.Generator().manual_seed(0))
+    >>> views.pixel_values_pair.shape, views.affine2_to_1.shape, views.mask.shape
+    (torch.Size([2, 3, 16, 16]), torch.Size([2, 2, 3]), torch.Size([2, 16, 16]))
+    ```
+    """
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise ValueError(f"pixel_values must be a [B, 3, H, W] tensor of normalised RGB images, got {shape}")
+    if not 0.0 <= flip_p <= 1.0:
+        raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+    batch, _, height, width = pixel_values.shape
+    dtype, device = pixel_values.dtype, pixel_values.device
+    mean = torch.tensor(image_mean, dtype=dtype, device=device).view(3, 1, 1)
+    std = torch.tensor(image_std, dtype=dtype, device=device).view(3, 1, 1)
+
+    pairs, flipped = [], []
+    for image in pixel_values:
+        jittered = color_jitter((image * std + mean).clamp(0.0, 1.0), generator, brightness, contrast, saturation, hue)
+        view = (jittered - mean) / std
+        flip = float(torch.rand((), generator=generator, dtype=torch.float64)) < flip_p
+        pairs.append(view.flip(-1) if flip else view)
+        flipped.append(flip)
+    flipped = torch.tensor(flipped, dtype=torch.bool, device=device)
+    affine = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=dtype, device=device).repeat(batch, 1, 1)
+    affine[flipped, 0, :] *= -1.0
+
+    if mask_unlabelled:
+        if labels is None or num_classes is None:
+            raise ValueError("mask_unlabelled needs the training labels and num_classes")
+        if tuple(labels.shape) != (batch, height, width):
+            raise ValueError(f"labels must be [B, H, W] = {[batch, height, width]}, got {list(labels.shape)}")
+        mask = ((labels >= 0) & (labels < num_classes)).to(device=device, dtype=dtype)
+    else:
+        mask = torch.ones(batch, height, width, dtype=dtype, device=device)
+    return IicViews(
+        pixel_values=pixel_values,
+        pixel_values_pair=torch.stack(pairs),
+        affine2_to_1=affine,
+        mask=mask,
+        flipped=flipped,
+    )
+
+
+def _views_for(config: IicConfig, pixel_values, generator, labels, num_classes) -> IicViews:
+    return make_iic_views(
+        pixel_values,
+        generator,
+        brightness=config.jitter_brightness,
+        contrast=config.jitter_contrast,
+        saturation=config.jitter_saturation,
+        hue=config.jitter_hue,
+        flip_p=config.flip_p,
+        image_mean=config.image_mean,
+        image_std=config.image_std,
+        labels=labels,
+        num_classes=num_classes,
+        mask_unlabelled=config.mask_unlabelled,
+    )
+
+
+def head_for_step(step: int, head_a_steps: int, head_b_steps: int, head_a_first: bool = False) -> str:
+    """Which head step `step` (0-based) trains: phases of `head_b_steps` (head B) and `head_a_steps` (head A)
+    steps alternate, head B first unless `head_a_first`.
+
+    Example:
+
+    ```python
+    >>> [head_for_step(s, head_a_steps=2, head_b_steps=1) for s in range(6)]
+    ['B', 'A', 'A', 'B', 'A', 'A']
+    ```
+    """
+    if head_a_steps < 1 or head_b_steps < 1:
+        raise ValueError(f"phase lengths must be >= 1, got head_a_steps={head_a_steps}, head_b_steps={head_b_steps}")
+    first, first_len, second = ("A", head_a_steps, "B") if head_a_first else ("B", head_b_steps, "A")
+    return first if step % (head_a_steps + head_b_steps) < first_len else second
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# recipe
+
+
+def build_model(args, backbone_config, num_classes: int) -> IicForUnsupervisedSegmentation:
+    """IIC model for the trainer. `backbone: none` (no backbone config) gives the paper's VGG trunk from scratch;
+    any other backbone gives `trunk="backbone"`. Without a preset and without `model.num_overclusters`, head A
+    gets `3 * num_classes` outputs. Float options written as YAML ints or strings (`1`, `1e-4`) are converted."""
+    overrides = dict(args.model)
+    for name in _FLOAT_FIELDS & overrides.keys():
+        value = overrides[name]
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError as error:
+                raise ValueError(f"model.{name} must be a number, got {value!r}") from error
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        overrides[name] = value
+    overrides["num_classes"] = num_classes
+    trunk = overrides.get("trunk")
+    if backbone_config is None:
+        if trunk == "backbone":
+            raise ValueError(
+                "model.trunk 'backbone' needs a backbone: set `backbone:` to a Hub id, folder or random-vit-*"
+            )
+        overrides["trunk"] = "vgg"
+    else:
+        if trunk == "vgg":
+            raise ValueError(
+                "model.trunk 'vgg' is the paper's network trained from scratch: set `backbone: none` in the config"
+            )
+        overrides["trunk"] = "backbone"
+        overrides["backbone_config"] = backbone_config
+    if args.preset:
+        return IicForUnsupervisedSegmentation(IicConfig.for_dataset(args.preset, **overrides))
+    overrides.setdefault("num_overclusters", 3 * num_classes)
+    return IicForUnsupervisedSegmentation(IicConfig(**overrides))
+
+
+def train(context) -> IicForUnsupervisedSegmentation:
+    args, schedule, accelerator = context.args, context.schedule, context.accelerator
+    model: IicForUnsupervisedSegmentation = context.model
+    config = model.config
+    items = context.train_items()
+    steps = schedule["max_steps"]
+    sampler = context.sampler(len(items), schedule["batch_size"])
+    head_a_steps = config.head_a_steps or sampler.batches_per_epoch
+    head_b_steps = config.head_b_steps or sampler.batches_per_epoch
+    if config.mask_unlabelled and not items.with_labels:
+        raise ValueError("mask_unlabelled=True needs training labels, and the training set has none")
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+    if accelerator.ddp_handler is not None or accelerator.num_processes > 1:
+        # Each step trains one head only: DDP must not wait for gradients of the other one.
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        accelerator.ddp_handler = accelerator.ddp_handler or DistributedDataParallelKwargs()
+        accelerator.ddp_handler.find_unused_parameters = True
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(prepared)
+    context.resume()
+
+    state = context.state
+    progress = tqdm(total=steps, initial=state["step"], desc="train iic", disable=not context.show_progress)
+    while state["step"] < steps:
+        epoch, first = divmod(state["step"], sampler.batches_per_epoch)
+        sampler.start(epoch, first)
+        for indices in sampler:
+            step = state["step"]
+            head = head_for_step(step, head_a_steps, head_b_steps, config.head_a_first)
+            generator = context.seed_step(step)
+            batch = collate_segmentation_batch([items[i] for i in indices])
+            views = _views_for(config, batch["pixel_values"], generator, batch.get("labels"), context.num_classes)
+            prepared.train()
+            output = prepared(
+                pixel_values=views.pixel_values.to(accelerator.device),
+                pixel_values_pair=views.pixel_values_pair.to(accelerator.device),
+                affine2_to_1=views.affine2_to_1.to(accelerator.device),
+                mask=views.mask.to(accelerator.device),
+                head=head,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(output.loss)
+            optimizer.step()
+            state["step"] = step = step + 1
+            progress.update(1)
+            if step % args.log_every == 0 or step == steps:
+                loss = output.loss.item()
+                context.check_finite(loss, step)
+                suffix = head.lower()
+                context.log(
+                    {
+                        "train/loss": loss,
+                        f"train/loss_head_{suffix}": loss,
+                        f"train/loss_no_lamb_head_{suffix}": float(output.loss_no_lamb.detach()),
+                    },
+                    step,
+                )
+                progress.set_postfix(loss=f"{loss:.4f}", head=head)
+            context.after_step(unwrapped, step)
+            if step >= steps:
+                break
+    progress.close()
+    return unwrapped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluation of both heads
+
+
+@torch.no_grad()
+def _head_confusions(
+    model: IicForUnsupervisedSegmentation,
+    dataset,
+    image_processor,
+    num_classes: int,
+    *,
+    batch_size: int,
+    flip_tta: bool,
+    max_images: int | None,
+    device,
+    accelerator,
+    progress: bool,
+    desc: str,
+) -> dict[str, torch.Tensor]:
+    if max_images is not None:
+        dataset = dataset.select(range(min(max_images, len(dataset))))
+    items = ProcessedSegmentationDataset(dataset, image_processor, num_classes=num_classes, with_labels=True)
+    loader = DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=collate_segmentation_batch)
+    if accelerator is not None:
+        loader = accelerator.prepare_data_loader(loader)
+        device = accelerator.device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(device)
+    config = model.config
+    metrics = {
+        "A": UnsupervisedSegmentationMetric(num_classes, config.num_overclusters, "majority", device=device),
+        "B": UnsupervisedSegmentationMetric(num_classes, config.num_classes, "hungarian", device=device),
+    }
+    for batch in tqdm(loader, desc=desc, disable=not progress):
+        labels = batch["labels"].to(device)
+        log_probs_a, log_probs_b = model.predict_heads(
+            batch["pixel_values"].to(device), output_size=tuple(labels.shape[-2:]), flip_tta=flip_tta
+        )
+        metrics["A"].update(log_probs_a.argmax(1), labels)
+        metrics["B"].update(log_probs_b.argmax(1), labels)
+    for metric in metrics.values():
+        if accelerator is not None:
+            metric.sync()
+    return {head: metric.confusion_matrix.cpu() for head, metric in metrics.items()}
+
+
+def evaluate_iic_heads(
+    model: IicForUnsupervisedSegmentation,
+    dataset,
+    image_processor,
+    num_classes: int,
+    *,
+    fit_dataset=None,
+    batch_size: int = 8,
+    flip_tta: bool = True,
+    max_images: int | None = None,
+    max_fit_images: int | None = None,
+    device: str | torch.device | None = None,
+    accelerator=None,
+    progress: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """IIC's evaluation of both heads on a labelled `dataset` (METHODS 3.3), with one trunk pass per image.
+
+    Returns metric dicts (as `UnsupervisedSegmentationMetric.compute()`): `"head_b_hungarian"` (head B, one-to-one
+    Hungarian matching fitted on `dataset` itself) and `"head_a_majority"` (head A, many-to-one majority
+    matching). With `fit_dataset` (e.g. the training split, labelled) also IIC's IID+ mode:
+    `"head_b_hungarian_iid_plus"` and `"head_a_majority_iid_plus"`, whose matchings are fitted on `fit_dataset`
+    and scored on `dataset` (`hf_useg.evaluation.fit_and_score`).
+
+    Example:
+
+    ```python
+    >>> results = evaluate_iic_heads(model, val_set, processor, 11, fit_dataset=train_set)  # doctest: +SKIP
+    >>> results["head_a_majority"]["accuracy"], results["head_a_majority_iid_plus"]["accuracy"]  # doctest: +SKIP
+    ```
+    """
+    kwargs = dict(batch_size=batch_size, flip_tta=flip_tta, device=device, accelerator=accelerator, progress=progress)
+    confusion = _head_confusions(
+        model, dataset, image_processor, num_classes, max_images=max_images, desc="evaluate iic heads", **kwargs
+    )
+    results = {
+        "head_b_hungarian": fit_and_score(confusion["B"], confusion["B"], "hungarian"),
+        "head_a_majority": fit_and_score(confusion["A"], confusion["A"], "majority"),
+    }
+    if fit_dataset is not None:
+        fit = _head_confusions(
+            model, fit_dataset, image_processor, num_classes, max_images=max_fit_images, desc="fit iic", **kwargs
+        )
+        results["head_b_hungarian_iid_plus"] = fit_and_score(fit["B"], confusion["B"], "hungarian")
+        results["head_a_majority_iid_plus"] = fit_and_score(fit["A"], confusion["A"], "majority")
+    return results
+
+
+def final_evaluation(context, model: IicForUnsupervisedSegmentation) -> dict[str, float]:
+    """Extra numbers for the trainer's summary: both heads on the validation split (`head_a_majority_*`,
+    `head_b_hungarian_*`) and, when the training split is labelled, IID+ (`*_iid_plus_*`, matching fitted on the
+    training split). Same protocol as the trainer's final evaluation (eval resolution, `final_flip_tta`)."""
+    val_set = context.val_set
+    if val_set is None or "label" not in val_set.column_names:
+        return {}
+    fit_dataset = context.train_set if "label" in context.train_set.column_names else None
+    results = evaluate_iic_heads(
+        model,
+        val_set,
+        context.eval_processor,
+        context.num_classes,
+        fit_dataset=fit_dataset,
+        batch_size=context.args.eval_batch_size,
+        flip_tta=context.args.final_flip_tta,
+        max_images=context.args.max_val_images,
+        accelerator=context.accelerator,
+        progress=context.show_progress,
+    )
+    summary = {}
+    for name, values in results.items():
+        for key in ("accuracy", "mean_iou"):
+            value = float(values[key])
+            summary[f"{name}_{key}"] = None if math.isnan(value) else value
+    return summary
