@@ -74,3 +74,15 @@ def test_cli_help_lists_commands(capsys):
 def test_cli_evaluate_rejects_a_folder_without_a_model(tmp_path):
     with pytest.raises(SystemExit, match="cannot load a model config"):
         main(["evaluate", str(tmp_path), "--dataset", str(tmp_path)])
+
+
+def test_label_map_of_the_wrong_size_is_named():
+    from PIL import Image
+
+    dataset = make_synthetic_scenes(num_images=2, image_size=32, num_classes=3)
+    small = dataset.cast_column("label", dataset.features["label"]).map(
+        lambda example: {"label": Image.new("L", (16, 32))}, features=dataset.features
+    )
+    items = ProcessedSegmentationDataset(small, protocol_image_processor(16), num_classes=3)
+    with pytest.raises(ValueError, match=r"item 0: the label map is 16x32 \(WxH\) but its image is 32x32"):
+        items[0]

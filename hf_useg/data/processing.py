@@ -58,6 +58,13 @@ class ProcessedSegmentationDataset(TorchDataset):
         example = self.dataset[int(index)]
         label = example.get("label") if self.with_labels else None
         if label is not None:
+            image_size, label_size = _size(example["image"]), _size(label)
+            if image_size != label_size:
+                raise ValueError(
+                    f"item {index}: the label map is {label_size[1]}x{label_size[0]} (WxH) but its image is "
+                    f"{image_size[1]}x{image_size[0]}; labels must have the image's size"
+                )
+        if label is not None:
             encoded = self.image_processor(example["image"], segmentation_maps=label, return_tensors="pt")
         else:
             encoded = self.image_processor(example["image"], return_tensors="pt")
@@ -72,6 +79,14 @@ class ProcessedSegmentationDataset(TorchDataset):
                 invalid |= labels >= self.num_classes
             item["labels"] = labels.masked_fill(invalid, self.ignore_index)
         return item
+
+
+def _size(image) -> tuple[int, int]:
+    """(height, width) of a PIL image or an HW / HWC array."""
+    if hasattr(image, "size") and not isinstance(image, np.ndarray) and not isinstance(image, torch.Tensor):
+        width, height = image.size
+        return height, width
+    return tuple(np.asarray(image).shape[:2])
 
 
 def collate_segmentation_batch(items: list[dict]) -> dict[str, torch.Tensor]:
