@@ -25,7 +25,12 @@ from .modeling_utils import (
     UnsupervisedSegmentationPreTrainedModel,
     UnsupervisedSegmenterOutput,
 )
-from .models.dino import DinoForUnsupervisedSegmentation, DinoSegmentationConfig
+from .models.dino import (
+    DinoForSelfSupervisedPretraining,
+    DinoForUnsupervisedSegmentation,
+    DinoPretrainingConfig,
+    DinoSegmentationConfig,
+)
 from .models.iic import IicConfig, IicForUnsupervisedSegmentation
 from .models.picie import PicieConfig, PicieForUnsupervisedSegmentation
 from .models.stego import StegoConfig, StegoForUnsupervisedSegmentation
@@ -55,10 +60,15 @@ def _register_auto_classes() -> None:
 
 
 _register_auto_classes()
+# DINO pretraining is not a segmentation model: AutoConfig / AutoModel only
+AutoConfig.register(DinoPretrainingConfig.model_type, DinoPretrainingConfig, exist_ok=True)
+AutoModel.register(DinoPretrainingConfig, DinoForSelfSupervisedPretraining, exist_ok=True)
 
 __all__ = [
     "ClusterProbe",
+    "DinoForSelfSupervisedPretraining",
     "DinoForUnsupervisedSegmentation",
+    "DinoPretrainingConfig",
     "DinoSegmentationConfig",
     "IicConfig",
     "IicForUnsupervisedSegmentation",

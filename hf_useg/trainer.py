@@ -56,6 +56,16 @@ RANDOM_BACKBONES = {
         image_size=32,
         layer_norm_eps=1e-6,
     ),
+    # the shape of training/configs/dino_pretrain_camvid.yaml's backbone (random-init baseline of that experiment)
+    "random-vit-dino-tiny-16": dict(
+        hidden_size=192,
+        num_hidden_layers=6,
+        num_attention_heads=3,
+        intermediate_size=768,
+        patch_size=16,
+        image_size=96,
+        layer_norm_eps=1e-6,
+    ),
     "random-vit-small-8": dict(
         hidden_size=384,
         num_hidden_layers=12,
@@ -175,6 +185,8 @@ def _load_splits(args: TrainingArguments):
     class_names = args.class_names or _class_names_from_dataset(train)
     if num_classes is None:
         if class_names is None:
+            if _label_free(args.method):  # e.g. DINO pretraining on a plain folder of images
+                return train, val, 0, []
             raise ValueError("num_classes is required for this dataset (it does not name its classes)")
         num_classes = len(class_names)
     if class_names is None or len(class_names) < num_classes:
@@ -354,7 +366,14 @@ RECIPES = {
     "dino_kmeans": "hf_useg.models.dino.training_dino",
     "iic": "hf_useg.models.iic.training_iic",
     "picie": "hf_useg.models.picie.training_picie",
+    "dino_pretrain": "hf_useg.models.dino.training_dino_pretraining",
 }
+
+
+def _label_free(method: str) -> bool:
+    """Recipes with a ``finalize(context, model) -> summary`` train on images only and save their own result (the
+    trainer then skips num_classes, the segmentation evaluation and the model folder)."""
+    return hasattr(recipe(method), "finalize")
 
 
 def recipe(method: str):
@@ -516,6 +535,18 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     start_time = time.time()
     trained = recipe(args.method).train(context)
     trained.eval()
+    if _label_free(args.method):
+        # no segmentation probes to evaluate: the recipe saves its own result (DINO pretraining: the backbone)
+        summary = {
+            "method": args.method,
+            "backbone": backbone_description,
+            "dataset": "generated synthetic scenes (not real data)" if args.dataset == "synthetic" else args.dataset,
+            "steps": context.state["step"],
+            "train_seconds": round(time.time() - start_time, 1),
+            **recipe(args.method).finalize(context, trained),
+        }
+        accelerator.end_training()
+        return summary
 
     # final evaluation with the full protocol, id2label from the matching, model folder
     summary: dict[str, Any] = {

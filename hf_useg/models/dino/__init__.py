@@ -1,4 +1,29 @@
 from .configuration_dino import DinoSegmentationConfig
-from .modeling_dino import DinoForUnsupervisedSegmentation, DinoPreTrainedModel
+from .configuration_dino_pretraining import DinoPretrainingConfig
+from .modeling_dino import (
+    DinoAttentionPrediction,
+    DinoForUnsupervisedSegmentation,
+    DinoPreTrainedModel,
+    attention_mass_mask,
+)
+from .modeling_dino_pretraining import (
+    DinoForSelfSupervisedPretraining,
+    DinoHead,
+    DinoLoss,
+    DinoPretrainingOutput,
+    DinoPretrainingPreTrainedModel,
+)
 
-__all__ = ["DinoForUnsupervisedSegmentation", "DinoPreTrainedModel", "DinoSegmentationConfig"]
+__all__ = [
+    "DinoAttentionPrediction",
+    "DinoForSelfSupervisedPretraining",
+    "DinoForUnsupervisedSegmentation",
+    "DinoHead",
+    "DinoLoss",
+    "DinoPreTrainedModel",
+    "DinoPretrainingConfig",
+    "DinoPretrainingOutput",
+    "DinoPretrainingPreTrainedModel",
+    "DinoSegmentationConfig",
+    "attention_mass_mask",
+]

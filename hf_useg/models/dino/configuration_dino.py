@@ -22,8 +22,9 @@ _MODES = ("kmeans", "attention")
 @strict
 class DinoSegmentationConfig(PreTrainedConfig):
     r"""
-    Configuration of [`DinoForUnsupervisedSegmentation`]: a frozen DINO backbone whose patch features are
-    clustered with cosine k-means (``mode="kmeans"``).
+    Configuration of [`DinoForUnsupervisedSegmentation`], the zero-training baselines of METHODS 4.2 on a frozen
+    DINO backbone: cosine k-means over the patch features (``mode="kmeans"``), or per-head masks from the last
+    layer's CLS attention (``mode="attention"``).
 
     Args:
         backbone_config (`dict` or `PreTrainedConfig`, *optional*):
@@ -37,9 +38,11 @@ class DinoSegmentationConfig(PreTrainedConfig):
             Cluster log-probabilities are ``log_softmax(logit_scale * cosine)``; the argmax is the nearest centroid
             whatever the scale.
         mode (`str`, *optional*, defaults to `"kmeans"`):
-            Which baseline ``predict`` runs.
+            Which baseline ``predict`` runs: `"kmeans"` (cluster log-probabilities, needs `fit`) or `"attention"`
+            (per-head ``attention_maps`` / ``attention_masks``, no fitting).
         attention_threshold (`float`, *optional*, defaults to 0.6):
-            Fraction of CLS-attention mass kept by the attention-mask baseline.
+            Fraction of a head's CLS-attention mass kept by its mask (the largest weights until their sum reaches
+            it).
         is_fitted (`bool`, *optional*, defaults to `False`):
             Set by `fit`; an unfitted model refuses to predict.
 

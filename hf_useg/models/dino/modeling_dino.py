@@ -1,22 +1,98 @@
-"""Zero-training DINO segmentation baselines (METHODS 4.2): cosine k-means over frozen DINO patch features."""
+"""Zero-training DINO segmentation baselines (METHODS 4.2): cosine k-means over frozen DINO patch features, and
+per-head masks from the last layer's CLS attention."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ...backbones import FeatureBackbone
 from ...clustering import ClusterProbe, KMeansResult, kmeans
 from ...modeling_utils import (
+    UnsupervisedSegmentationPrediction,
     UnsupervisedSegmentationPreTrainedModel,
     UnsupervisedSegmenterOutput,
     check_pixel_values,
 )
 from .configuration_dino import DinoSegmentationConfig
 
-__all__ = ["DinoForUnsupervisedSegmentation", "DinoPreTrainedModel"]
+__all__ = [
+    "DinoAttentionPrediction",
+    "DinoForUnsupervisedSegmentation",
+    "DinoPreTrainedModel",
+    "attention_mass_mask",
+]
+
+
+def attention_mass_mask(weights: torch.Tensor, threshold: float = 0.6) -> torch.Tensor:
+    """DINO's attention mask (METHODS 4.2) along the last dimension: keep the largest weights until their sum
+    reaches ``threshold`` of the total.
+
+    A weight is kept when the mass of the weights strictly larger than it is below ``threshold * total``; so the
+    weight that makes the sum reach the threshold is kept, the ones after it are not, a sum landing exactly on the
+    threshold stops there, and equal weights are kept or dropped together (the mask depends on the values only,
+    not on their order; without ties this is DINO's ``cumsum > 1 - threshold`` rule). Zero weights are never
+    kept. Computed in float64.
+
+    Args:
+        weights: non-negative ``[..., N]`` (e.g. ``[B, heads, h * w]`` CLS attention; need not sum to one).
+        threshold: fraction of the mass to keep, in (0, 1].
+
+    Returns:
+        bool tensor of the shape of ``weights``.
+
+    Example:
+
+    ```python
+    >>> attention_mass_mask(torch.tensor([0.1, 0.5, 0.2, 0.2]), threshold=0.6)
+    tensor([False,  True,  True,  True])
+    >>> attention_mass_mask(torch.tensor([3.0, 1.0, 3.0, 2.0, 1.0]), threshold=0.6)
+    tensor([ True, False,  True, False, False])
+    ```
+    """
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating-point tensor, got {weights.dtype}")
+    if weights.ndim == 0 or weights.shape[-1] == 0:
+        raise ValueError(f"weights must have a non-empty last dimension, got shape {tuple(weights.shape)}")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if not torch.isfinite(weights).all():
+        raise ValueError("attention weights contain NaN or infinite values")
+    if (weights < 0).any():
+        raise ValueError("attention weights must be non-negative")
+    values = weights.double()
+    descending = values.sort(dim=-1, descending=True).values
+    # mass before each position of the descending order
+    before = torch.cat([torch.zeros_like(descending[..., :1]), descending.cumsum(-1)[..., :-1]], dim=-1)
+    # the first position of each value in that order = the number of strictly larger weights
+    first = torch.searchsorted((-descending).contiguous(), (-values).contiguous(), right=False)
+    larger_mass = before.gather(-1, first)
+    return larger_mass < threshold * values.sum(-1, keepdim=True)
+
+
+@dataclass
+class DinoAttentionPrediction(UnsupervisedSegmentationPrediction):
+    """Output of `DinoForUnsupervisedSegmentation.predict` with ``mode="attention"`` (and of `attention_masks`).
+
+    Args:
+        attention_maps (`torch.FloatTensor` of shape `(batch_size, num_heads, height, width)`):
+            Last-layer CLS->patch attention of every head (the CLS key left out), nearest-upsampled from the patch
+            grid to the output size (each patch's value fills its pixels, as in DINO's figures).
+        attention_masks (`torch.BoolTensor` of shape `(batch_size, num_heads, height, width)`):
+            Per-head masks keeping ``attention_threshold`` of the head's mass on the patch grid
+            ([`attention_mass_mask`]), nearest-upsampled.
+        cluster_log_probs: None in attention mode (the masks are per head, not a partition into clusters).
+    """
+
+    attention_maps: torch.FloatTensor | None = None
+    attention_masks: torch.BoolTensor | None = None
 
 
 class DinoPreTrainedModel(UnsupervisedSegmentationPreTrainedModel):
@@ -25,8 +101,14 @@ class DinoPreTrainedModel(UnsupervisedSegmentationPreTrainedModel):
 
 
 class DinoForUnsupervisedSegmentation(DinoPreTrainedModel):
-    """DINO-feature k-means baseline: a frozen backbone, and ``num_clusters`` cosine centroids fitted with
-    [`fit`] on a dataset's patch features. Prediction = nearest centroid (cosine), upsampled.
+    """DINO zero-training baselines (METHODS 4.2) on a frozen backbone.
+
+    * ``mode="kmeans"``: ``num_clusters`` cosine centroids fitted with [`fit`] on a dataset's patch features;
+      prediction = nearest centroid (cosine), upsampled.
+    * ``mode="attention"``: `predict` returns a [`DinoAttentionPrediction`] with each head's last-layer CLS
+      attention (``attention_maps``) and its mask keeping ``config.attention_threshold`` of the mass
+      (``attention_masks``), both ``[B, heads, H, W]``; no fitting needed. [`attention_masks`] gives the same
+      in either mode, and `hf_useg.visualization.draw_attention_heads` draws them.
 
     The centroids live in a [`~hf_useg.clustering.ClusterProbe`] (frozen), so evaluation shares STEGO's code
     path: ``log_softmax(logit_scale * cosine)``.
@@ -43,6 +125,9 @@ class DinoForUnsupervisedSegmentation(DinoPreTrainedModel):
     >>> _ = model.fit([torch.randn(4, 3, 32, 32)], progress=False)
     >>> model.predict(torch.randn(1, 3, 32, 32)).cluster_log_probs.shape
     torch.Size([1, 3, 32, 32])
+    >>> model.config.mode = "attention"
+    >>> model.predict(torch.randn(1, 3, 32, 32)).attention_masks.shape
+    torch.Size([1, 2, 32, 32])
     ```
     """
 
@@ -135,3 +220,69 @@ class DinoForUnsupervisedSegmentation(DinoPreTrainedModel):
         self.cluster_probe.clusters.copy_(result.centroids.to(self.cluster_probe.clusters.dtype))
         self.config.is_fitted = True
         return result
+
+    # ----------------------------------------------------------------------------------------------------------
+    # attention baseline
+    @torch.no_grad()
+    def attention_masks(
+        self,
+        pixel_values: torch.Tensor,
+        threshold: float | None = None,
+        output_size: tuple[int, int] | None = None,
+        flip_tta: bool = False,
+    ) -> DinoAttentionPrediction:
+        """Per-head CLS-attention maps and masks (METHODS 4.2), whatever ``config.mode`` says.
+
+        Args:
+            pixel_values: ``[B, 3, H, W]``, ``H`` and ``W`` multiples of the patch size.
+            threshold: fraction of each head's attention mass kept (default ``config.attention_threshold``).
+            output_size: ``(H, W)`` of the returned maps (default: the input size); patches are upsampled with
+                nearest-neighbour interpolation.
+            flip_tta: average the maps with those of the flipped image (flipped back) before thresholding; off by
+                default, as in DINO's figures.
+
+        Example:
+
+        ```python
+        >>> out = model.attention_masks(pixel_values, threshold=0.6)   # doctest: +SKIP
+        >>> draw_attention_heads(image, out.attention_masks[0])       # doctest: +SKIP
+        ```
+        """
+        threshold = self.config.attention_threshold if threshold is None else float(threshold)
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        check_pixel_values(
+            pixel_values, self.backbone.patch_size, getattr(self.config.backbone_config, "num_channels", 3)
+        )
+        maps = self.backbone(pixel_values, output_cls_attention=True).cls_attention
+        if flip_tta:
+            flipped = self.backbone(pixel_values.flip(-1), output_cls_attention=True).cls_attention
+            maps = (maps + flipped.flip(-1)) / 2
+        batch, heads, height, width = maps.shape
+        masks = attention_mass_mask(maps.reshape(batch, heads, height * width), threshold)
+        masks = masks.reshape(batch, heads, height, width)
+        size = tuple(output_size) if output_size is not None else tuple(pixel_values.shape[-2:])
+        return DinoAttentionPrediction(
+            attention_maps=F.interpolate(maps.float(), size=size, mode="nearest"),
+            attention_masks=F.interpolate(masks.float(), size=size, mode="nearest").bool(),
+        )
+
+    @torch.no_grad()
+    def predict(
+        self,
+        pixel_values: torch.Tensor,
+        output_size: tuple[int, int] | None = None,
+        flip_tta: bool = True,
+        crf: bool = False,
+        images: np.ndarray | Sequence[np.ndarray] | None = None,
+        crf_workers: int = 0,
+    ) -> UnsupervisedSegmentationPrediction:
+        """``mode="kmeans"``: the shared `predict` (cluster log-probabilities of the fitted centroids).
+        ``mode="attention"``: a [`DinoAttentionPrediction`] from [`attention_masks`] with
+        ``config.attention_threshold`` (``flip_tta`` averages the maps of the image and its mirror; ``crf`` is not
+        available)."""
+        if self.config.mode == "kmeans":
+            return super().predict(pixel_values, output_size, flip_tta, crf, images, crf_workers)
+        if crf:
+            raise ValueError("crf=True refines cluster predictions; mode='attention' returns per-head attention masks")
+        return self.attention_masks(pixel_values, output_size=output_size, flip_tta=flip_tta)

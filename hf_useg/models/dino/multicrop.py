@@ -1,0 +1,285 @@
+"""DINO's multi-crop augmentation (METHODS 4.1) in PIL + torch, without torchvision.
+
+Every view is a random-resized crop (bicubic) followed by DINO's photometric pipeline:
+
+* all views: horizontal flip (p=0.5), colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in a
+  random order; p=0.8), grayscale (p=0.2);
+* global view 1: Gaussian blur (p=1.0); global view 2: blur (p=0.1) and solarisation (p=0.2); further global
+  views alternate between these two recipes;
+* local views: blur (p=0.5);
+* then ``ToTensor`` and ImageNet normalisation.
+
+Blur radii are drawn uniformly in [0.1, 2.0] and applied with `PIL.ImageFilter.GaussianBlur`, as DINO does.
+Every random choice comes from the `torch.Generator` handed to the call, so a seeded generator reproduces the views
+exactly (what makes resumed training runs bit-exact).
+
+Example:
+
+```python
+>>> import torch
+>>> from PIL import Image
+>>> from hf_useg.models.dino.multicrop import DinoMultiCropAugmentation
+>>> augment = DinoMultiCropAugmentation(global_crops_size=32, local_crops_size=16, local_crops_number=3)
+>>> views = augment(Image.new("RGB", (64, 48), (120, 30, 200)), generator=torch.Generator().manual_seed(0))
+>>> views["global_crops"].shape, views["local_crops"].shape
+(torch.Size([2, 3, 32, 32]), torch.Size([3, 3, 16, 16]))
+```
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+__all__ = [
+    "DinoMultiCropAugmentation",
+    "MultiCropDataset",
+    "collate_multicrop",
+    "color_jitter",
+    "random_resized_crop_box",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def _chance(probability: float, generator: torch.Generator | None) -> bool:
+    # always draw, so that the number of draws (and every later choice) does not depend on the outcome
+    return torch.rand((), generator=generator).item() < probability
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    scale: Sequence[float],
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+    generator: torch.Generator | None = None,
+) -> tuple[int, int, int, int]:
+    """A random-resized-crop box ``(left, top, crop_width, crop_height)`` in a ``width x height`` image.
+
+    Like torchvision's ``RandomResizedCrop``: up to 10 tries of an area fraction uniform in ``scale`` and an aspect
+    ratio log-uniform in ``ratio``; when none fits, the largest centred box whose ratio is clamped to ``ratio``.
+
+    Example:
+
+    ```python
+    >>> random_resized_crop_box(100, 50, (0.4, 1.0), generator=torch.Generator().manual_seed(0))
+    (56, 0, 41, 50)
+    ```
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"cannot crop an empty image ({width}x{height})")
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * _uniform(scale[0], scale[1], generator)
+        aspect = math.exp(_uniform(log_ratio[0], log_ratio[1], generator))
+        crop_w = int(round(math.sqrt(target_area * aspect)))
+        crop_h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
+            return left, top, crop_w, crop_h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        crop_w, crop_h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        crop_w, crop_h = int(round(height * ratio[1])), height
+    else:
+        crop_w, crop_h = width, height
+    return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
+
+
+def _adjust_hue(image: Image.Image, factor: float) -> Image.Image:
+    hue, saturation, value = image.convert("HSV").split()
+    shifted = (np.asarray(hue, dtype=np.int16) + int(round(factor * 255))) % 256
+    hue = Image.fromarray(shifted.astype(np.uint8), "L")
+    return Image.merge("HSV", (hue, saturation, value)).convert("RGB")
+
+
+def color_jitter(
+    image: Image.Image,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.2,
+    hue: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> Image.Image:
+    """torchvision's ``ColorJitter`` on a PIL RGB image: factors uniform in ``[1 - b, 1 + b]`` (brightness, contrast,
+    saturation; contrast blends with the mean gray level, saturation with the grayscale image) and a hue shift
+    uniform in ``[-hue, hue]`` of the colour circle, applied in a random order.
+
+    Example:
+
+    ```python
+    >>> out = color_jitter(Image.new("RGB", (4, 4), (200, 100, 50)), generator=torch.Generator().manual_seed(0))
+    >>> out.size
+    (4, 4)
+    ```
+    """
+    order = torch.randperm(4, generator=generator).tolist()
+    factors = [
+        _uniform(max(0.0, 1 - brightness), 1 + brightness, generator),
+        _uniform(max(0.0, 1 - contrast), 1 + contrast, generator),
+        _uniform(max(0.0, 1 - saturation), 1 + saturation, generator),
+        _uniform(-hue, hue, generator),
+    ]
+    for operation in order:
+        factor = factors[operation]
+        if operation == 0:
+            image = ImageEnhance.Brightness(image).enhance(factor)
+        elif operation == 1:
+            image = ImageEnhance.Contrast(image).enhance(factor)
+        elif operation == 2:
+            image = ImageEnhance.Color(image).enhance(factor)
+        elif factor != 0.0:
+            image = _adjust_hue(image, factor)
+    return image
+
+
+class DinoMultiCropAugmentation:
+    """DINO's ``DataAugmentationDINO``: ``global_crops_number`` global and ``local_crops_number`` local views of one
+    image (see the module docstring for the photometric pipeline).
+
+    Args:
+        global_crops_scale: area fraction range of the global crops (DINO: 0.4-1).
+        local_crops_scale: area fraction range of the local crops (DINO: 0.05-0.4).
+        local_crops_number: local views per image (DINO: 8; 0 for none).
+        global_crops_size: side of the global views in pixels (DINO: 224).
+        local_crops_size: side of the local views in pixels (DINO: 96).
+        global_crops_number: global views per image (DINO: 2).
+        mean, std: normalisation (ImageNet's).
+
+    Calling it with a PIL image (any mode; converted to RGB) and a generator returns
+    ``{"global_crops": [G, 3, S, S], "local_crops": [L, 3, s, s]}`` float tensors.
+    """
+
+    def __init__(
+        self,
+        global_crops_scale: Sequence[float] = (0.4, 1.0),
+        local_crops_scale: Sequence[float] = (0.05, 0.4),
+        local_crops_number: int = 8,
+        global_crops_size: int = 224,
+        local_crops_size: int = 96,
+        global_crops_number: int = 2,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        if global_crops_number < 1 or local_crops_number < 0:
+            raise ValueError(
+                f"need >= 1 global and >= 0 local crops, got {global_crops_number} and {local_crops_number}"
+            )
+        if global_crops_size < 1 or local_crops_size < 1:
+            raise ValueError(f"crop sizes must be >= 1, got {global_crops_size} and {local_crops_size}")
+        for name, scale in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
+            if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+                raise ValueError(f"{name} must be (min, max) with 0 < min <= max <= 1, got {tuple(scale)}")
+        self.global_crops_scale = tuple(float(s) for s in global_crops_scale)
+        self.local_crops_scale = tuple(float(s) for s in local_crops_scale)
+        self.local_crops_number = int(local_crops_number)
+        self.global_crops_number = int(global_crops_number)
+        self.global_crops_size = int(global_crops_size)
+        self.local_crops_size = int(local_crops_size)
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+
+    @classmethod
+    def from_config(cls, config) -> DinoMultiCropAugmentation:
+        """The augmentation a [`DinoPretrainingConfig`] describes."""
+        return cls(
+            global_crops_scale=config.global_crops_scale,
+            local_crops_scale=config.local_crops_scale,
+            local_crops_number=config.local_crops_number,
+            global_crops_size=config.global_crops_size,
+            local_crops_size=config.local_crops_size,
+            global_crops_number=config.global_crops_number,
+        )
+
+    def _view(
+        self,
+        image: Image.Image,
+        size: int,
+        scale: tuple[float, float],
+        blur_probability: float,
+        solarize_probability: float,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        left, top, crop_w, crop_h = random_resized_crop_box(image.width, image.height, scale, generator=generator)
+        view = image.resize((size, size), Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
+        if _chance(0.5, generator):
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        if _chance(0.8, generator):
+            view = color_jitter(view, 0.4, 0.4, 0.2, 0.1, generator=generator)
+        if _chance(0.2, generator):
+            view = view.convert("L").convert("RGB")
+        if _chance(blur_probability, generator):
+            view = view.filter(ImageFilter.GaussianBlur(radius=_uniform(0.1, 2.0, generator)))
+        if _chance(solarize_probability, generator):
+            view = ImageOps.solarize(view, threshold=128)
+        array = (np.asarray(view, dtype=np.float32) / 255.0 - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"DinoMultiCropAugmentation takes a PIL image, got {type(image).__name__}")
+        image = image.convert("RGB")
+        global_crops = [
+            self._view(
+                image,
+                self.global_crops_size,
+                self.global_crops_scale,
+                blur_probability=1.0 if index % 2 == 0 else 0.1,
+                solarize_probability=0.0 if index % 2 == 0 else 0.2,
+                generator=generator,
+            )
+            for index in range(self.global_crops_number)
+        ]
+        local_crops = [
+            self._view(image, self.local_crops_size, self.local_crops_scale, 0.5, 0.0, generator)
+            for _ in range(self.local_crops_number)
+        ]
+        size = self.local_crops_size
+        return {
+            "global_crops": torch.stack(global_crops),
+            "local_crops": torch.stack(local_crops) if local_crops else torch.empty(0, 3, size, size),
+        }
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Multi-crop views of a `datasets.Dataset` (or any sequence of dicts with an image column), indexed by
+    ``(index, seed)`` pairs: item ``(i, s)`` is the augmentation of image ``i`` with a generator seeded with ``s``,
+    so the views do not depend on which DataLoader worker computes them."""
+
+    def __init__(self, dataset, augmentation: DinoMultiCropAugmentation, image_column: str = "image"):
+        self.dataset = dataset
+        self.augmentation = augmentation
+        self.image_column = image_column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, seed = key
+        image = self.dataset[int(index)][self.image_column]
+        return self.augmentation(image, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def collate_multicrop(items: list[dict[str, Any]]) -> dict[str, torch.Tensor | None]:
+    """Stack views into the model's inputs: ``pixel_values`` ``[B, G, 3, S, S]`` and ``local_pixel_values``
+    ``[B, L, 3, s, s]`` (None when there are no local crops)."""
+    if not items:
+        raise ValueError("cannot collate an empty batch")
+    local = torch.stack([item["local_crops"] for item in items])
+    return {
+        "pixel_values": torch.stack([item["global_crops"] for item in items]),
+        "local_pixel_values": local if local.shape[1] > 0 else None,
+    }
