@@ -75,6 +75,16 @@ RANDOM_BACKBONES = {
         image_size=224,
         layer_norm_eps=1e-6,
     ),
+    # DINO ViT-S/16, e.g. the student of training/configs/dino_pretrain_vits16.yaml (pretraining from scratch)
+    "random-vit-small-16": dict(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        patch_size=16,
+        image_size=224,
+        layer_norm_eps=1e-6,
+    ),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["color_palette", "colorize", "overlay", "side_by_side"]
+__all__ = ["color_palette", "colorize", "draw_attention_heads", "overlay", "side_by_side"]
 
 
 def color_palette(num_colors: int, seed: int = 0) -> np.ndarray:
@@ -75,3 +75,86 @@ def side_by_side(*panels: np.ndarray, gap: int = 4) -> Image.Image:
         if index < len(panels) - 1:
             parts.append(np.full((height, gap, 3), 255, dtype=np.uint8))
     return Image.fromarray(np.concatenate(parts, axis=1))
+
+
+def _mask_boundary(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with a 4-neighbour outside it (the image border counts as outside, as in DINO's
+    figures, which pad the mask before tracing its contour)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~interior
+
+
+def draw_attention_heads(
+    image: np.ndarray | Image.Image,
+    masks_or_maps,
+    alpha: float = 0.5,
+    palette: np.ndarray | None = None,
+    contour: bool = True,
+) -> Image.Image:
+    """Draw every attention head in its own colour over ``image`` (DINO's attention figure, METHODS 4.2).
+
+    Args:
+        image: RGB image, PIL or uint8 ``[H, W, 3]``.
+        masks_or_maps: ``[heads, h, w]`` (torch tensor or array) per-head **masks** (bool: each head's pixels are
+            blended with its colour at ``alpha``, and with ``contour`` the mask boundary is drawn in the full
+            colour) or **maps** (float: each head is blended with weight ``alpha * map / max(map)``, so a head's
+            strongest patch gets ``alpha``). Maps or masks of another size than the image (e.g. the patch grid) are
+            resized with nearest-neighbour interpolation.
+        alpha: blending weight in [0, 1].
+        palette: ``[>= heads, 3]`` uint8 colours (default: `color_palette`).
+        contour: draw mask boundaries (masks only).
+
+    Heads are drawn one after the other (head 0 first), so where masks overlap the later colours lie on top.
+    Returns an RGB `PIL.Image` of the image's size.
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> masks = np.zeros((2, 4, 4), dtype=bool); masks[0, :2, :2] = True; masks[1, 2:, 2:] = True
+    >>> draw_attention_heads(np.full((32, 32, 3), 128, np.uint8), masks).size
+    (32, 32)
+    ```
+    """
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be an RGB PIL image or a uint8 [H, W, 3] array, got {image.dtype} {image.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if hasattr(masks_or_maps, "detach"):  # torch tensor
+        masks_or_maps = masks_or_maps.detach().cpu().numpy()
+    heads = np.asarray(masks_or_maps)
+    if heads.ndim != 3:
+        raise ValueError(
+            f"masks_or_maps must be [heads, height, width] (one image's heads), got shape {heads.shape}; "
+            "index the batch first, e.g. prediction.attention_masks[0]"
+        )
+    is_mask = heads.dtype == bool
+    if not is_mask and not np.issubdtype(heads.dtype, np.floating):
+        raise TypeError(f"masks_or_maps must be bool masks or float maps, got dtype {heads.dtype}")
+    height, width = image.shape[:2]
+    if heads.shape[1:] != (height, width):
+        rows = np.arange(height) * heads.shape[1] // height
+        cols = np.arange(width) * heads.shape[2] // width
+        heads = heads[:, rows][:, :, cols]
+    if palette is None:
+        palette = color_palette(len(heads))
+    palette = np.asarray(palette)
+    if len(palette) < len(heads):
+        raise ValueError(f"palette has {len(palette)} colours for {len(heads)} heads")
+
+    canvas = image.astype(np.float64)
+    for index, head in enumerate(heads):
+        colour = palette[index].astype(np.float64)
+        if is_mask:
+            weight = head.astype(np.float64) * alpha
+        else:
+            peak = float(head.max(initial=0.0))
+            weight = np.clip(head / peak, 0.0, 1.0) * alpha if peak > 0 else np.zeros_like(head, dtype=np.float64)
+        canvas = canvas * (1.0 - weight[..., None]) + colour * weight[..., None]
+        if is_mask and contour:
+            canvas[_mask_boundary(head)] = colour
+    return Image.fromarray(np.clip(np.round(canvas), 0, 255).astype(np.uint8))

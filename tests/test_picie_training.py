@@ -33,6 +33,16 @@ TINY = REPO / "training" / "configs" / "picie_tiny.yaml"
 CPU = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    # Tiny tensors: on a shared 2-core machine, intra-op thread synchronisation makes these runs ~10x slower with
+    # 2 threads than with 1 (the results are the same).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_resnet() -> ResNetConfig:
     return ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], layer_type="basic")
 

@@ -59,10 +59,13 @@ def _config_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     """Check the ``model:`` overrides against the config's fields and turn YAML integers into floats where the
     config expects floats (``clip_grad: 0``, ``global_crops_scale: [0.4, 1]``)."""
     fields = {field.name: field.type for field in dataclasses.fields(DinoPretrainingConfig)}
-    unknown = sorted(set(overrides) - set(fields) - {"backbone_config"})
+    unknown = sorted(set(overrides) - set(fields) | ({"backbone_config"} & set(overrides)))
     if unknown:
         own = sorted(set(DinoPretrainingConfig.__annotations__) - {"backbone_config"})
-        raise ValueError(f"unknown dino_pretrain model option(s) {unknown}; valid options are {own}")
+        raise ValueError(
+            f"unknown dino_pretrain model option(s) {unknown}; valid options are {own} (the ViT comes from the "
+            "backbone: option)"
+        )
     coerced = {}
     for key, value in overrides.items():
         annotation = fields.get(key)
