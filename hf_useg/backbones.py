@@ -8,7 +8,8 @@ Three families are wrapped behind one interface, [`FeatureBackbone`]:
   Features are the patch tokens of the last block after the final LayerNorm (``last_hidden_state[:, 1:]``).
 * **DINOv2 / DINOv3 ViTs** (``dinov2``, ``dinov2_with_registers``, ``dinov3_vit``): the base model from
   `AutoModel`; CLS and register tokens are dropped from the feature map.
-* **any other `AutoBackbone`** (ResNet, ConvNeXt, Swin, …): the feature map of the last stage; no CLS token.
+* **any other `AutoBackbone`** (ResNet, ConvNeXt, Swin, …): the feature map of the stage its config's
+  ``out_features`` names when it names one (default: the last stage); no CLS token.
 
 Example:
 
@@ -103,8 +104,7 @@ def dino_interpolate_pos_encoding(
     grid = math.isqrt(num_positions)
     if grid * grid != num_positions:
         raise ValueError(
-            "DINO interpolation needs a square grid of position embeddings, "
-            f"got {num_positions} patch positions"
+            f"DINO interpolation needs a square grid of position embeddings, got {num_positions} patch positions"
         )
     h, w = height // patch_h, width // patch_w
     if (h, w) == (grid, grid):
@@ -118,9 +118,7 @@ def dino_interpolate_pos_encoding(
         align_corners=False,
     ).to(position_embeddings.dtype)
     if patch_pos.shape[-2:] != (h, w):  # cannot happen thanks to the +0.1; kept as DINO's own assertion
-        raise RuntimeError(
-            f"DINO interpolation produced a {tuple(patch_pos.shape[-2:])} grid instead of {(h, w)}"
-        )
+        raise RuntimeError(f"DINO interpolation produced a {tuple(patch_pos.shape[-2:])} grid instead of {(h, w)}")
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, dim)
     return torch.cat([position_embeddings[:, :1], patch_pos], dim=1)
 
@@ -130,9 +128,7 @@ class _DinoInterpolationMixin:
     names are untouched (only the module's class changes, see `FeatureBackbone._use_dino_interpolation`)."""
 
     def interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        return dino_interpolate_pos_encoding(
-            self.position_embeddings, height, width, self.patch_embeddings.patch_size
-        )
+        return dino_interpolate_pos_encoding(self.position_embeddings, height, width, self.patch_embeddings.patch_size)
 
 
 class DinoViTEmbeddings(_DinoInterpolationMixin, ViTEmbeddings):
@@ -211,11 +207,12 @@ def load_backbone_config(name_or_path: str, **overrides) -> PreTrainedConfig:
 
 
 def _last_stage_config(config: PreTrainedConfig) -> PreTrainedConfig:
-    """A copy of an `AutoBackbone` config that outputs (only) its last stage."""
+    """A copy of an `AutoBackbone` config that outputs one stage: the one its ``out_features`` names when it names
+    exactly one (e.g. ``ResNetConfig(out_features=["stage3"])`` for a stride-16 map), else the last stage."""
     stage_names = getattr(config, "stage_names", None)
     if not stage_names:
         raise ValueError(f"{type(config).__name__} is not a backbone config (no stage_names)")
-    if list(getattr(config, "out_features", None) or []) == [stage_names[-1]]:
+    if len(list(getattr(config, "out_features", None) or [])) == 1:
         return config
     config = copy.deepcopy(config)
     config.out_indices = None
@@ -268,8 +265,7 @@ class FeatureBackbone(nn.Module):
             raise TypeError(f"config must be a transformers PreTrainedConfig, got {type(config).__name__}")
         if pos_embed_interpolation not in _INTERPOLATION_MODES:
             raise ValueError(
-                f"pos_embed_interpolation must be one of {_INTERPOLATION_MODES}, got "
-                f"{pos_embed_interpolation!r}"
+                f"pos_embed_interpolation must be one of {_INTERPOLATION_MODES}, got {pos_embed_interpolation!r}"
             )
         model_type = getattr(config, "model_type", "")
         self.is_token_model = model_type in _TOKEN_MODEL_TYPES
@@ -356,9 +352,7 @@ class FeatureBackbone(nn.Module):
         size = size if isinstance(size, int) else 224
         size = max(size, 64)
         parameter = next(self.model.parameters())
-        dummy = torch.zeros(
-            1, self.num_channels or 3, size, size, device=parameter.device, dtype=parameter.dtype
-        )
+        dummy = torch.zeros(1, self.num_channels or 3, size, size, device=parameter.device, dtype=parameter.dtype)
         was_training = self.model.training
         self.model.eval()  # no BatchNorm statistics update from the probe
         try:
@@ -366,9 +360,7 @@ class FeatureBackbone(nn.Module):
         finally:
             self.model.train(was_training)
         if size % height != 0:
-            raise ValueError(
-                f"cannot infer the stride of {type(self.model).__name__}: {size} px -> {height} rows"
-            )
+            raise ValueError(f"cannot infer the stride of {type(self.model).__name__}: {size} px -> {height} rows")
         return size // height
 
     def train(self, mode: bool = True) -> FeatureBackbone:
@@ -390,9 +382,7 @@ class FeatureBackbone(nn.Module):
             )
         channels, height, width = pixel_values.shape[1:]
         if self.num_channels is not None and channels != self.num_channels:
-            raise ValueError(
-                f"pixel_values have {channels} channels, the backbone config expects {self.num_channels}"
-            )
+            raise ValueError(f"pixel_values have {channels} channels, the backbone config expects {self.num_channels}")
         patch = self.patch_size
         if height % patch or width % patch or height == 0 or width == 0:
             raise ValueError(
@@ -416,9 +406,7 @@ class FeatureBackbone(nn.Module):
         h, w = self._check_pixel_values(pixel_values)
         if not self.is_token_model:
             if output_cls_attention:
-                raise ValueError(
-                    f"{type(self.model).__name__} has no CLS token: cls_attention is only for ViTs"
-                )
+                raise ValueError(f"{type(self.model).__name__} has no CLS token: cls_attention is only for ViTs")
             return BackboneFeatures(feature_map=self.model(pixel_values).feature_maps[-1])
 
         kwargs = {"interpolate_pos_encoding": True} if self.config.model_type == "vit" else {}
@@ -432,32 +420,24 @@ class FeatureBackbone(nn.Module):
         feature_map = patches.transpose(1, 2).reshape(batch, patches.shape[-1], h, w)
         cls_attention = None
         if attention is not None:
-            cls_attention = attention[:, :, 0, self._num_prefix_tokens :].reshape(
-                batch, attention.shape[1], h, w
-            )
+            cls_attention = attention[:, :, 0, self._num_prefix_tokens :].reshape(batch, attention.shape[1], h, w)
         return BackboneFeatures(feature_map=feature_map, cls_token=tokens[:, 0], cls_attention=cls_attention)
 
     def _last_attention_module(self) -> nn.Module:
         target = type(self.model)._can_record_outputs.get("attentions")
         target = getattr(target, "target_class", target)
         modules = [
-            module
-            for module in self.model.modules()
-            if isinstance(target, type) and isinstance(module, target)
+            module for module in self.model.modules() if isinstance(target, type) and isinstance(module, target)
         ]
         if not modules:
             raise ValueError(f"cannot find the attention layers of {type(self.model).__name__}")
         return modules[-1]
 
-    def _run_with_last_attention(
-        self, pixel_values: torch.Tensor, kwargs: dict
-    ) -> tuple[ModelOutput, torch.Tensor]:
+    def _run_with_last_attention(self, pixel_values: torch.Tensor, kwargs: dict) -> tuple[ModelOutput, torch.Tensor]:
         # Only the last layer's weights are kept (a forward hook), instead of output_attentions=True which
         # would hold every layer's [B, heads, N, N] matrix.
         captured = []
-        handle = self._last_attention_module().register_forward_hook(
-            lambda module, args, out: captured.append(out[1])
-        )
+        handle = self._last_attention_module().register_forward_hook(lambda module, args, out: captured.append(out[1]))
         previous = self.model.config._attn_implementation
         try:
             if previous != "eager":
@@ -468,9 +448,7 @@ class FeatureBackbone(nn.Module):
             if previous != "eager":
                 self.model.set_attn_implementation(previous)
         if not captured or captured[-1] is None:
-            raise RuntimeError(
-                f"{type(self.model).__name__} returned no attention weights with eager attention"
-            )
+            raise RuntimeError(f"{type(self.model).__name__} returned no attention weights with eager attention")
         return outputs, captured[-1]
 
     # --------------------------------------------------------------------------------------------------------

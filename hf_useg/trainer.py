@@ -37,7 +37,16 @@ __all__ = ["TrainingArguments", "TrainingContext", "latest_checkpoint", "load_tr
 SCRATCH_BACKBONES = ("none", "scratch")
 
 RANDOM_BACKBONES = {
-    # name -> ViTConfig kwargs; randomly initialised, for offline demos and tests (named as such in outputs)
+    # name -> config kwargs (ViTConfig unless "model_type" says otherwise); randomly initialised, for offline
+    # demos, tests and baselines (named as such in outputs)
+    "random-resnet-18": dict(
+        model_type="resnet",
+        layer_type="basic",
+        depths=[2, 2, 2, 2],
+        hidden_sizes=[64, 128, 256, 512],
+        embedding_size=64,
+        out_features=["stage3"],
+    ),
     "random-vit-tiny": dict(
         hidden_size=64,
         num_hidden_layers=2,
@@ -260,18 +269,17 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 def _backbone_config_and_weights(args: TrainingArguments):
     """(backbone config, state dict or None, human-readable description)."""
-    from transformers import ViTConfig
+    from transformers import AutoConfig, ViTConfig
 
     from .backbones import FeatureBackbone
 
     if args.backbone in SCRATCH_BACKBONES:
         return None, None, "none (trunk trained from scratch)"
     if args.backbone in RANDOM_BACKBONES:
-        return (
-            ViTConfig(**RANDOM_BACKBONES[args.backbone]),
-            None,
-            f"{args.backbone} (randomly initialised ViT)",
-        )
+        kwargs = dict(RANDOM_BACKBONES[args.backbone])
+        model_type = kwargs.pop("model_type", "vit")
+        config = ViTConfig(**kwargs) if model_type == "vit" else AutoConfig.for_model(model_type, **kwargs)
+        return config, None, f"{args.backbone} (randomly initialised {model_type})"
     try:
         pretrained = FeatureBackbone.from_pretrained(args.backbone)
     except Exception as error:  # offline Hub ids, missing folders: say what failed

@@ -65,12 +65,13 @@ def compute_knn_table(
     accelerator,
     progress: bool = True,
     source_fingerprint: str | None = None,
+    features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Top-``k`` cosine neighbours ``[N, k]`` of every training item's global descriptor (METHODS 0.6), cached
     under a key of (backbone config and weights, dataset fingerprint, resolution, k, five-crop): reruns and
     resumed runs reuse it. ``source_fingerprint`` identifies the data when ``items`` wraps a derived dataset
     (five crops) whose own fingerprint only reflects its index columns. The main process computes it; the others
-    read the cache file."""
+    read the cache file. ``features``: the items' backbone maps when already computed (cached features)."""
     from ...data import global_descriptors, nearest_neighbors
 
     k = min(k, len(items))
@@ -83,12 +84,16 @@ def compute_knn_table(
             return torch.load(path)
     table = None
     if accelerator.is_main_process:
-        loader = DataLoader(items, batch_size=batch_size, collate_fn=collate_segmentation_batch)
-        descriptors = []
-        for batch in tqdm(loader, desc="kNN descriptors", disable=not progress):
-            features = model.extract_features(batch["pixel_values"].to(accelerator.device))
-            descriptors.append(global_descriptors(features).cpu())
-        table = nearest_neighbors(torch.cat(descriptors), k)
+        if features is not None:
+            descriptors = [global_descriptors(chunk) for chunk in features.split(batch_size)]
+            table = nearest_neighbors(torch.cat(descriptors), k)
+        else:
+            loader = DataLoader(items, batch_size=batch_size, collate_fn=collate_segmentation_batch)
+            descriptors = []
+            for batch in tqdm(loader, desc="kNN descriptors", disable=not progress):
+                maps = model.extract_features(batch["pixel_values"].to(accelerator.device))
+                descriptors.append(global_descriptors(maps).cpu())
+            table = nearest_neighbors(torch.cat(descriptors), k)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -140,6 +145,11 @@ def train(context) -> StegoForUnsupervisedSegmentation:
 
         train_set = expand_five_crops(train_set, ratio=config.crop_ratio)
     items = context.train_items(dataset=train_set)
+    cache = None
+    if args.cache_backbone_features:
+        cache = compute_feature_cache(
+            model, items, batch_size=args.eval_batch_size, device=accelerator.device, progress=context.show_progress
+        )
     knn = compute_knn_table(
         model,
         items,
@@ -150,13 +160,10 @@ def train(context) -> StegoForUnsupervisedSegmentation:
         batch_size=args.eval_batch_size,
         accelerator=accelerator,
         progress=context.show_progress,
+        source_fingerprint=getattr(context.train_set, "_fingerprint", None),
+        features=None if cache is None else cache.features,
     )
     num_neighbors = max(1, min(config.num_neighbors, knn.shape[1] - 1))
-    cache = None
-    if args.cache_backbone_features:
-        cache = compute_feature_cache(
-            model, items, batch_size=args.eval_batch_size, device=accelerator.device, progress=context.show_progress
-        )
     steps = schedule["max_steps"]
     sampler = context.sampler(len(items), schedule["batch_size"])
     optimizer = torch.optim.Adam(

@@ -1,0 +1,69 @@
+import torch
+from accelerate import Accelerator
+from transformers import ViTConfig
+
+from hf_useg import StegoConfig, StegoForUnsupervisedSegmentation
+from hf_useg.data import expand_five_crops, global_descriptors, make_synthetic_scenes, nearest_neighbors
+from hf_useg.data.processing import ProcessedSegmentationDataset, collate_segmentation_batch
+from hf_useg.image_processing import protocol_image_processor
+from hf_useg.models.stego.training_stego import _knn_cache_key, compute_feature_cache, compute_knn_table
+
+TINY = ViTConfig(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    patch_size=8,
+    image_size=32,
+    layer_norm_eps=1e-6,
+)
+
+
+def _model():
+    torch.manual_seed(0)
+    return StegoForUnsupervisedSegmentation(StegoConfig(backbone_config=TINY, dim=4, num_classes=3)).eval()
+
+
+def _items(seed: int, five_crop: bool = False):
+    dataset = make_synthetic_scenes(num_images=4, image_size=64, num_classes=3, seed=seed)
+    source = dataset
+    if five_crop:
+        dataset = expand_five_crops(dataset)
+    return source, ProcessedSegmentationDataset(dataset, protocol_image_processor(32), num_classes=3)
+
+
+def test_knn_table_is_the_descriptor_top_k_and_is_reused_from_the_cache(tmp_path):
+    model = _model()
+    _, items = _items(0)
+    accelerator = Accelerator(cpu=True)
+    kwargs = dict(
+        resolution=32, k=3, five_crop=False, cache_dir=tmp_path, batch_size=2, accelerator=accelerator, progress=False
+    )
+    table = compute_knn_table(model, items, **kwargs)
+    batch = collate_segmentation_batch([items[i] for i in range(len(items))])
+    with torch.no_grad():
+        expected = nearest_neighbors(global_descriptors(model.extract_features(batch["pixel_values"])), 3)
+    assert torch.equal(table, expected)
+    assert table[:, 0].tolist() == list(range(4))  # rank 0 is the item itself
+    cached = list(tmp_path.glob("knn-*.pt"))
+    assert len(cached) == 1
+    torch.save(torch.zeros_like(table), cached[0])  # a rerun must read the file, not recompute
+    assert torch.equal(compute_knn_table(model, items, **kwargs), torch.zeros_like(table))
+    # precomputed feature maps give the same table without touching the images
+    features = compute_feature_cache(model, items, batch_size=2, device="cpu", progress=False)
+    assert features.labels.shape == (4, 32, 32)
+    assert torch.equal(
+        compute_knn_table(model, items, **{**kwargs, "cache_dir": None}, features=features.features), expected
+    )
+
+
+def test_knn_cache_key_tells_five_crops_of_different_datasets_apart():
+    model = _model()
+    source_a, items_a = _items(0, five_crop=True)
+    source_b, items_b = _items(1, five_crop=True)
+    # the lazy five-crop index datasets look identical: only the source fingerprint separates them
+    key_a = _knn_cache_key(model, items_a, 32, 3, True, source_a._fingerprint)
+    key_b = _knn_cache_key(model, items_b, 32, 3, True, source_b._fingerprint)
+    assert key_a != key_b
+    assert key_a == _knn_cache_key(model, items_a, 32, 3, True, source_a._fingerprint)
+    assert key_a != _knn_cache_key(model, items_a, 64, 3, True, source_a._fingerprint)
