@@ -279,7 +279,8 @@ def _backbone_config_and_weights(args: TrainingArguments):
         kwargs = dict(RANDOM_BACKBONES[args.backbone])
         model_type = kwargs.pop("model_type", "vit")
         config = ViTConfig(**kwargs) if model_type == "vit" else AutoConfig.for_model(model_type, **kwargs)
-        return config, None, f"{args.backbone} (randomly initialised {model_type})"
+        kind = {"vit": "ViT", "resnet": "ResNet"}.get(model_type, model_type)
+        return config, None, f"{args.backbone} (randomly initialised {kind})"
     try:
         pretrained = FeatureBackbone.from_pretrained(args.backbone)
     except Exception as error:  # offline Hub ids, missing folders: say what failed
@@ -458,6 +459,21 @@ class TrainingContext:
         if self.accelerator.is_main_process:
             with (self.output_dir / "metrics.jsonl").open("a") as handle:
                 handle.write(json.dumps({"step": step, **values}) + "\n")
+
+    def log_step(self, output, step: int, names: tuple[str, ...] = (), progress=None) -> None:
+        """Every ``log_every`` steps (and the last): log ``output.loss`` and the named loss parts of a model output
+        as ``train/<name>``, refusing a non-finite loss."""
+        if step % self.args.log_every and step != self.schedule["max_steps"]:
+            return
+        values = {"train/loss": float(output.loss.detach())}
+        for name in names:
+            value = getattr(output, name, None)
+            if value is not None:
+                values[f"train/{name}"] = float(value.detach())
+        self.check_finite(values["train/loss"], step)
+        self.log(values, step)
+        if progress is not None:
+            progress.set_postfix(loss=f"{values['train/loss']:.4f}")
 
     def check_finite(self, loss: float, step: int) -> None:
         if not math.isfinite(loss):

@@ -211,22 +211,12 @@ def train(context) -> StegoForUnsupervisedSegmentation:
             optimizer.step()
             state["step"] = step = step + 1
             progress.update(1)
-            if step % args.log_every == 0 or step == steps:
-                values = {"train/loss": output.loss.item()}
-                for name in (
-                    "correlation_loss",
-                    "pos_intra",
-                    "pos_inter",
-                    "neg_inter",
-                    "cluster_probe_loss",
-                    "linear_probe_loss",
-                ):
-                    value = getattr(output, name, None)
-                    if value is not None:
-                        values[f"train/{name}"] = float(value.detach())
-                context.check_finite(values["train/loss"], step)
-                context.log(values, step)
-                progress.set_postfix(loss=f"{values['train/loss']:.4f}")
+            context.log_step(
+                output,
+                step,
+                ("correlation_loss", "pos_intra", "pos_inter", "neg_inter", "cluster_probe_loss", "linear_probe_loss"),
+                progress,
+            )
             context.after_step(unwrapped, step)
             if step >= steps:
                 break
