@@ -132,6 +132,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", steps: int | None = 
         val_every=50,
         save_every=50,
         model={"dim": 32 if not real_backbone else 70, "pointwise": True},
+        cache_backbone_features=True,
         **common,
     )
     stego = train(stego_args)

@@ -248,13 +248,13 @@ def test_dinov3_backbone_shapes():
     assert out.feature_map.shape == (1, 32, 6, 5) and out.cls_attention.shape == (1, 2, 6, 5)
 
 
-def test_auto_backbone_resnet_uses_last_stage():
+def test_auto_backbone_resnet_uses_the_named_stage_or_the_last_one():
     config = ResNetConfig(
-        embedding_size=8, hidden_sizes=[8, 16, 16, 24], depths=[1, 1, 1, 1], out_features=["stage2"]
+        embedding_size=8, hidden_sizes=[8, 16, 16, 24], depths=[1, 1, 1, 1], out_features=["stage2", "stage3"]
     )
     backbone = FeatureBackbone(config).eval()
-    assert config.out_features == ["stage2"]  # the caller's config is not modified
-    assert backbone.model.out_features == ["stage4"]
+    assert config.out_features == ["stage2", "stage3"]  # the caller's config is not modified
+    assert backbone.model.out_features == ["stage4"]  # several stages named: the last stage
     assert backbone.patch_size == 32 and backbone.hidden_size == 24 and backbone.num_attention_heads is None
     pixels = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
@@ -267,6 +267,14 @@ def test_auto_backbone_resnet_uses_last_stage():
         backbone(pixels, output_cls_attention=True)
     with pytest.raises(ValueError, match="'dino' applies to"):
         FeatureBackbone(config, pos_embed_interpolation="dino")
+    # exactly one stage named: that stage (stride 8 for stage2)
+    stage2 = FeatureBackbone(
+        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 24], depths=[1, 1, 1, 1], out_features=["stage2"])
+    ).eval()
+    assert stage2.model.out_features == ["stage2"]
+    assert stage2.patch_size == 8 and stage2.hidden_size == 16
+    with torch.no_grad():
+        assert stage2(pixels).feature_map.shape == (2, 16, 8, 12)
 
 
 def test_bad_inputs_raise_clear_errors(tiny_backbone):

@@ -82,6 +82,18 @@ def test_loss_hand_computed_two_prototypes():
     assert out.loss.item() == pytest.approx(cross_entropy, rel=1e-6)
     assert out.teacher_entropy.item() == pytest.approx(entropy, rel=1e-6)
     assert out.kl_divergence.item() == pytest.approx(cross_entropy - entropy, rel=1e-5)
+    assert out.teacher_batch_entropy.item() == pytest.approx(entropy, rel=1e-6)  # every row is the same
+
+
+def test_batch_entropy_tells_diverse_sharp_targets_from_a_one_hot_collapse():
+    loss = DinoLoss(out_dim=4)
+    student = torch.zeros(3, 2, 4)
+    diverse = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]).expand(2, 2, 4)  # two images, two prototypes
+    out = loss(student, diverse, teacher_temp=0.001)
+    assert out.teacher_entropy.item() == pytest.approx(0.0, abs=1e-6)
+    assert out.teacher_batch_entropy.item() == pytest.approx(math.log(2), rel=1e-6)
+    same = torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(2, 2, 4)
+    assert loss(student, same, teacher_temp=0.001).teacher_batch_entropy.item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_centering_and_sharpening():
@@ -313,6 +325,9 @@ def test_collapse_is_reported(caplog):
     assert model.collapse_status(0.001) == "one-hot"
     assert model.collapse_status(log_k - 0.001) == "uniform"
     assert model.collapse_status(0.5 * log_k) is None
+    # sharp per-image targets spread over prototypes are healthy; the same prototype for every image is not
+    assert model.collapse_status(0.001, teacher_batch_entropy=0.5 * log_k) is None
+    assert model.collapse_status(0.001, teacher_batch_entropy=0.001) == "one-hot"
     # a teacher flattened by a huge temperature is a uniform collapse
     model.train()
     out = model(torch.randn(2, 2, 3, 32, 32), torch.randn(2, 2, 3, 16, 16), teacher_temp=1e4)
@@ -324,6 +339,9 @@ def test_collapse_is_reported(caplog):
     with caplog.at_level(logging.WARNING):
         assert model.warn_if_collapsed(0.5 * log_k, 0.3) is None
     assert caplog.text == ""
+    with caplog.at_level(logging.WARNING):
+        assert model.warn_if_collapsed(0.01, 0.0, teacher_batch_entropy=0.02) == "one-hot"
+    assert "one-hot collapse" in caplog.text
 
 
 # -- config -------------------------------------------------------------------------------------------------------
@@ -438,7 +456,7 @@ def test_tiny_run_exports_a_backbone_that_stego_loads(uninterrupted):
     assert json.loads((output / "pretraining_summary.json").read_text())["num_train_images"] == 12
     lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
-    assert {"train/teacher_entropy", "train/kl_divergence", "train/momentum"} <= set(lines[0])
+    assert {"train/teacher_entropy", "train/teacher_batch_entropy", "train/kl_divergence"} <= set(lines[0])
 
     backbone_dir = output / "backbone"
     assert json.loads((backbone_dir / "config.json").read_text())["architectures"] == ["ViTModel"]

@@ -94,8 +94,9 @@ class DinoPretrainingConfig(PreTrainedConfig):
         freeze_last_layer_epochs (`float`, *optional*, defaults to 1.0):
             The head's last layer gets no update during these first epochs (stabilises the start).
         collapse_warning_margin (`float`, *optional*, defaults to 0.02):
-            A warning is logged when the teacher's mean entropy is below ``margin * log(out_dim)`` (one-hot
-            collapse) or above ``(1 - margin) * log(out_dim)`` (uniform collapse).
+            A warning is logged when the teacher's mean entropy is above ``(1 - margin) * log(out_dim)`` (uniform
+            collapse) or the entropy of its batch-averaged distribution below ``margin * log(out_dim)`` (one-hot
+            collapse: every image on the same prototype).
         max_steps (`int`, *optional*, defaults to 125100):
             Optimisation steps (100 ImageNet-1k epochs at a global batch of 1024).
         batch_size (`int`, *optional*, defaults to 64):

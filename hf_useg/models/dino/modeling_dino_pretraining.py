@@ -85,7 +85,7 @@ def linear_warmup(step: int, warmup_steps: int, start_value: float, final_value:
     Example:
 
     ```python
-    >>> linear_warmup(5, 10, 0.04, 0.07)
+    >>> round(linear_warmup(5, 10, 0.04, 0.07), 6)
     0.055
     ```
     """
@@ -232,11 +232,13 @@ class DinoHead(nn.Module):
 
 @dataclass
 class DinoLossOutput(ModelOutput):
-    """Output of [`DinoLoss`]: the loss, the mean entropy of the teacher's (centred, sharpened) distributions and
-    the mean KL(teacher || student) over the same pairs of views (``loss = teacher_entropy + kl_divergence``)."""
+    """Output of [`DinoLoss`]: the loss, the mean entropy of the teacher's (centred, sharpened) distributions, the
+    entropy of their mean over the batch and views (how many prototypes the batch uses), and the mean
+    KL(teacher || student) over the loss's pairs of views (``loss = teacher_entropy + kl_divergence``)."""
 
     loss: torch.FloatTensor | None = None
     teacher_entropy: torch.FloatTensor | None = None
+    teacher_batch_entropy: torch.FloatTensor | None = None
     kl_divergence: torch.FloatTensor | None = None
 
 
@@ -292,9 +294,16 @@ class DinoLoss(nn.Module):
         same_view = torch.eye(num_global, num_views, dtype=torch.bool, device=cross.device)
         loss = cross[~same_view].mean()
         entropy = -(teacher_probs * F.log_softmax(teacher_logits, dim=-1)).sum(-1).mean()
+        mean_probs = teacher_probs.detach().reshape(-1, dim).mean(0)
+        batch_entropy = -(mean_probs * mean_probs.clamp_min(1e-30).log()).sum()
         # every teacher view is paired with the same number (V - 1) of student views, so the mean cross-entropy
         # minus the mean teacher entropy is the mean KL over the pairs
-        return DinoLossOutput(loss=loss, teacher_entropy=entropy.detach(), kl_divergence=(loss - entropy).detach())
+        return DinoLossOutput(
+            loss=loss,
+            teacher_entropy=entropy.detach(),
+            teacher_batch_entropy=batch_entropy,
+            kl_divergence=(loss - entropy).detach(),
+        )
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
@@ -318,8 +327,10 @@ class DinoPretrainingOutput(ModelOutput):
 
     Args:
         loss: DINO's loss (mean cross-entropy over the (teacher global view, other student view) pairs).
-        teacher_entropy: mean entropy of the teacher's centred, sharpened distributions (0: one-hot collapse;
-            ``log(out_dim)``: uniform collapse).
+        teacher_entropy: mean entropy of the teacher's centred, sharpened distributions (``log(out_dim)``: uniform
+            collapse; near 0 is DINO's normal regime as long as different images pick different prototypes).
+        teacher_batch_entropy: entropy of the teacher distributions averaged over the batch and views (near 0: every
+            image gets the same prototype, the one-hot collapse).
         kl_divergence: mean KL(teacher || student) over the same pairs (near 0 when the run has collapsed).
         student_output: raw student head outputs ``[V, B, out_dim]`` (global views first).
         teacher_output: raw teacher head outputs ``[G, B, out_dim]``.
@@ -328,6 +339,7 @@ class DinoPretrainingOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     teacher_entropy: torch.FloatTensor | None = None
+    teacher_batch_entropy: torch.FloatTensor | None = None
     kl_divergence: torch.FloatTensor | None = None
     student_output: torch.FloatTensor | None = None
     teacher_output: torch.FloatTensor | None = None
@@ -493,6 +505,7 @@ class DinoForSelfSupervisedPretraining(DinoPretrainingPreTrainedModel):
         return DinoPretrainingOutput(
             loss=losses.loss,
             teacher_entropy=losses.teacher_entropy,
+            teacher_batch_entropy=losses.teacher_batch_entropy,
             kl_divergence=losses.kl_divergence,
             student_output=student_output,
             teacher_output=teacher_output,
@@ -500,30 +513,45 @@ class DinoForSelfSupervisedPretraining(DinoPretrainingPreTrainedModel):
         )
 
     # ----------------------------------------------------------------------------------------------------------
-    def collapse_status(self, teacher_entropy: float) -> str | None:
-        """``"one-hot"`` when the teacher entropy is below ``margin * log(out_dim)``, ``"uniform"`` when above
-        ``(1 - margin) * log(out_dim)`` (``margin = config.collapse_warning_margin``), else None."""
+    def collapse_status(self, teacher_entropy: float, teacher_batch_entropy: float | None = None) -> str | None:
+        """Which collapse the teacher statistics show, with ``margin = config.collapse_warning_margin``:
+
+        * ``"uniform"``: the mean teacher entropy is above ``(1 - margin) * log(out_dim)`` (centering wins: every
+          output is flat);
+        * ``"one-hot"``: the entropy of the batch-averaged teacher distribution is below ``margin * log(out_dim)``
+          (sharpening wins: every image gets the same prototype); without ``teacher_batch_entropy`` the mean
+          per-image entropy is used (a sharp but diverse teacher is DINO's normal regime, so pass it when known);
+        * None otherwise.
+        """
         maximum = math.log(self.config.out_dim)
         margin = self.config.collapse_warning_margin
-        if teacher_entropy < margin * maximum:
-            return "one-hot"
         if teacher_entropy > (1.0 - margin) * maximum:
             return "uniform"
+        spread = teacher_entropy if teacher_batch_entropy is None else teacher_batch_entropy
+        if spread < margin * maximum:
+            return "one-hot"
         return None
 
-    def warn_if_collapsed(self, teacher_entropy: float, kl_divergence: float, step: int | None = None) -> str | None:
+    def warn_if_collapsed(
+        self,
+        teacher_entropy: float,
+        kl_divergence: float,
+        step: int | None = None,
+        teacher_batch_entropy: float | None = None,
+    ) -> str | None:
         """Log a warning when [`collapse_status`] reports a collapse; returns the status."""
-        status = self.collapse_status(teacher_entropy)
+        status = self.collapse_status(teacher_entropy, teacher_batch_entropy)
         if status is not None:
             where = f" at step {step}" if step is not None else ""
+            batch = "" if teacher_batch_entropy is None else f" (batch-mean distribution {teacher_batch_entropy:.4f})"
             hint = (
-                "centering is too weak for the sharpening: raise teacher_temp's warm-up or center_momentum's effect"
+                "sharpening wins over centering: raise teacher_temp a little or lower center_momentum"
                 if status == "one-hot"
-                else "sharpening is too weak: lower teacher_temp (DINO: 0.04-0.07)"
+                else "centering wins over sharpening: lower teacher_temp (DINO: 0.04-0.07)"
             )
             logger.warning(
-                f"DINO {status} collapse{where}: teacher entropy {teacher_entropy:.4f} nats (log(out_dim) = "
-                f"{math.log(self.config.out_dim):.4f}), KL(teacher || student) {kl_divergence:.4f}; {hint}"
+                f"DINO {status} collapse{where}: teacher entropy {teacher_entropy:.4f} nats{batch}, log(out_dim) = "
+                f"{math.log(self.config.out_dim):.4f}, KL(teacher || student) {kl_divergence:.4f}; {hint}"
             )
         return status
 

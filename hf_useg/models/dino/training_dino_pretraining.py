@@ -175,11 +175,14 @@ def train(context) -> DinoForSelfSupervisedPretraining:
             state["step"] = step = step + 1
             progress.update(1)
             if step % args.log_every == 0 or step == steps:
-                measured = torch.stack([output.loss.detach(), output.teacher_entropy, output.kl_divergence])
-                loss, entropy, kl = accelerator.reduce(measured.float(), reduction="mean").tolist()
+                measured = torch.stack(
+                    [output.loss.detach(), output.teacher_entropy, output.teacher_batch_entropy, output.kl_divergence]
+                )
+                loss, entropy, batch_entropy, kl = accelerator.reduce(measured.float(), reduction="mean").tolist()
                 logged = {
                     "train/loss": loss,
                     "train/teacher_entropy": entropy,
+                    "train/teacher_batch_entropy": batch_entropy,
                     "train/kl_divergence": kl,
                     "train/lr": values.learning_rate,
                     "train/weight_decay": values.weight_decay,
@@ -190,7 +193,7 @@ def train(context) -> DinoForSelfSupervisedPretraining:
                 context.log(logged, step)
                 state["last_metrics"] = logged
                 if accelerator.is_main_process:
-                    unwrapped.warn_if_collapsed(entropy, kl, step)
+                    unwrapped.warn_if_collapsed(entropy, kl, step, teacher_batch_entropy=batch_entropy)
                 progress.set_postfix(loss=f"{loss:.4f}", entropy=f"{entropy:.3f}", kl=f"{kl:.3f}")
             context.after_step(unwrapped, step)
             if step >= steps:
