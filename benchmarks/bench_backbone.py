@@ -53,10 +53,7 @@ def main() -> None:
 
     on_cuda = args.device.startswith("cuda")
     machine = torch.cuda.get_device_name() if on_cuda else platform.processor() or "cpu"
-    print(
-        f"{args.arch}/{args.patch_size} depth {args.depth}, batch {args.batch_size}, "
-        f"{args.device} ({machine})"
-    )
+    print(f"{args.arch}/{args.patch_size} depth {args.depth}, batch {args.batch_size}, {args.device} ({machine})")
     print(f"{'size':>6} {'ViTModel ms':>12} {'dino ms':>9} {'+cls attn ms':>13} {'max |dino - hf|':>16}")
     for size in args.sizes:
         pixels = torch.randn(args.batch_size, 3, size, size, device=args.device)

@@ -42,9 +42,7 @@ def synthetic_batch(num_images: int, size: int, num_classes: int, seed: int = 0)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=16)
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--num-classes", type=int, default=27)

@@ -77,9 +77,7 @@ def main() -> None:
         diff = abs(run_conv().item() - run_loop().item())
         conv_ms = timed(run_conv, args.repeats, device)
         loop_ms = timed(run_loop, args.repeats, device)
-        print(
-            f"{batch:>3} {k:>3} {side:>4} {displacement:>3} | {conv_ms:>9.1f} {loop_ms:>9.1f} | {diff:>8.1e}"
-        )
+        print(f"{batch:>3} {k:>3} {side:>4} {displacement:>3} | {conv_ms:>9.1f} {loop_ms:>9.1f} | {diff:>8.1e}")
 
 
 if __name__ == "__main__":

@@ -96,10 +96,7 @@ def main() -> None:
     print(f"{'method':<26}{'time (s)':>10}{'peak extra (MiB)':>18}")
     print(f"{'full matrix + topk':<26}{full_seconds:>10.2f}{full_peak / mib:>18.0f}")
     print(f"{'chunked (hf_useg)':<26}{chunk_seconds:>10.2f}{chunk_peak / mib:>18.0f}")
-    print(
-        f"{'ratio chunked / full':<26}{chunk_seconds / full_seconds:>10.2f}"
-        f"{chunk_peak / max(full_peak, 1):>18.3f}"
-    )
+    print(f"{'ratio chunked / full':<26}{chunk_seconds / full_seconds:>10.2f}{chunk_peak / max(full_peak, 1):>18.3f}")
     print(
         f"agreement: identical rows {rows_equal:.2%}, identical neighbour sets {sets_equal:.2%} "
         f"(differences are near-equal similarities ordered differently by rounding); "

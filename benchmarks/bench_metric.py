@@ -183,9 +183,7 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=None, help="defaults to --classes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="device of the torch accumulator")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch/OpenMP threads (numpy is single-threaded)"
-    )
+    parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (numpy is single-threaded)")
     parser.add_argument("--skip", nargs="*", default=[], choices=list(METHODS), help="methods to leave out")
     parser.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -156,6 +156,12 @@ def dino_vit_config(arch: str = "vit_small", patch_size: int = 8, **overrides) -
     (768, 12, 1e-06)
     ```
     """
+    return ViTConfig(**dino_vit_kwargs(arch, patch_size, **overrides))
+
+
+def dino_vit_kwargs(arch: str = "vit_small", patch_size: int = 8, **overrides) -> dict:
+    """The `ViTConfig` keyword arguments of [`dino_vit_config`] (what configs use as their default
+    ``backbone_config``)."""
     if arch not in _DINO_ARCHS:
         raise ValueError(f"unknown DINO architecture {arch!r}; choose one of {sorted(_DINO_ARCHS)}")
     hidden_size, heads = _DINO_ARCHS[arch]
@@ -174,7 +180,7 @@ def dino_vit_config(arch: str = "vit_small", patch_size: int = 8, **overrides) -
         "qkv_bias": True,
     }
     kwargs.update(overrides)
-    return ViTConfig(**kwargs)
+    return kwargs
 
 
 def _apply_dino_eps(config: PreTrainedConfig, name_or_path: str, explicit: bool) -> PreTrainedConfig:

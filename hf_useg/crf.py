@@ -149,9 +149,7 @@ def _check_logits(logits: Any, ndim: int, name: str = "logits") -> torch.Tensor:
         layout = "[K, h, w]" if ndim == 3 else "[B, K, h, w]"
         raise ValueError(f"{name} must be {layout}, got shape {tuple(logits.shape)}")
     if logits.shape[-3] < 2:
-        raise ValueError(
-            f"{name} must have at least 2 classes (K = shape[{ndim - 3}]), got {logits.shape[-3]}"
-        )
+        raise ValueError(f"{name} must have at least 2 classes (K = shape[{ndim - 3}]), got {logits.shape[-3]}")
     return logits
 
 
@@ -318,18 +316,14 @@ def dense_crf_batch(
     params = _check_params(crf_kwargs)
     if isinstance(images, (np.ndarray, torch.Tensor)):
         if images.ndim != 4:
-            raise ValueError(
-                f"images must be [B, H, W, 3] or a list of [H, W, 3], got shape {tuple(images.shape)}"
-            )
+            raise ValueError(f"images must be [B, H, W, 3] or a list of [H, W, 3], got shape {tuple(images.shape)}")
         images = list(images)
     images = [_check_image(image, name=f"images[{i}]") for i, image in enumerate(images)]
     logits = _check_logits(logits, ndim=4)
     if len(images) != logits.shape[0]:
         raise ValueError(f"got {len(images)} images but logits for {logits.shape[0]}")
     if len({image.shape for image in images}) > 1:
-        raise ValueError(
-            f"images must all have the same size, got {sorted({image.shape for image in images})}"
-        )
+        raise ValueError(f"images must all have the same size, got {sorted({image.shape for image in images})}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
     if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):

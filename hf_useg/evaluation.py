@@ -102,9 +102,7 @@ def _as_numpy_matrix(matrix: Any, name: str = "confusion") -> np.ndarray:
     return matrix.astype(np.int64, copy=False)
 
 
-def _flat_counts(
-    preds: torch.Tensor, labels: torch.Tensor, num_classes: int, num_clusters: int
-) -> torch.Tensor:
+def _flat_counts(preds: torch.Tensor, labels: torch.Tensor, num_classes: int, num_clusters: int) -> torch.Tensor:
     """Flat histogram of length `num_clusters * num_classes + 1`; the last bin counts ignored pixels.
 
     Ignored pixels go to an extra bin instead of being masked out: boolean indexing would cost a host-device
@@ -133,8 +131,7 @@ def _validated_pair(
         low, high = (int(v) for v in torch.aminmax(preds))
         if low < 0 or high >= num_clusters:
             raise ValueError(
-                f"predicted cluster ids must lie in [0, num_clusters={num_clusters}), got values in "
-                f"[{low}, {high}]"
+                f"predicted cluster ids must lie in [0, num_clusters={num_clusters}), got values in [{low}, {high}]"
             )
     return preds, labels
 
@@ -280,8 +277,7 @@ def scores_from_confusion(confusion: Any, assignment: Any) -> dict[str, Any]:
     assignment = np.asarray(assignment.cpu() if isinstance(assignment, torch.Tensor) else assignment)
     if assignment.shape != (num_clusters,) or assignment.dtype.kind not in "iu":
         raise ValueError(
-            f"assignment must be an int array of shape ({num_clusters},), got {assignment.dtype} "
-            f"{assignment.shape}"
+            f"assignment must be an int array of shape ({num_clusters},), got {assignment.dtype} {assignment.shape}"
         )
     assignment = assignment.astype(np.int64)
     if num_clusters and (assignment.min() < -1 or assignment.max() >= num_classes):
@@ -315,9 +311,7 @@ def scores_from_confusion(confusion: Any, assignment: Any) -> dict[str, Any]:
     }
 
 
-def fit_and_score(
-    fit_confusion: Any, score_confusion: Any, matching: MatchingMethod = "hungarian"
-) -> dict[str, Any]:
+def fit_and_score(fit_confusion: Any, score_confusion: Any, matching: MatchingMethod = "hungarian") -> dict[str, Any]:
     """IID+ mode: fit the matching on one split's confusion matrix, score another split with it.
 
     Example:

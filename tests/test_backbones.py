@@ -51,9 +51,7 @@ def tiny_vit_config(**overrides) -> ViTConfig:
     return ViTConfig(**kwargs)
 
 
-def backbone_from_reference(
-    reference: ReferenceDinoViT, mode: str = "dino", **config_overrides
-) -> FeatureBackbone:
+def backbone_from_reference(reference: ReferenceDinoViT, mode: str = "dino", **config_overrides) -> FeatureBackbone:
     state_dict = reference.state_dict()
     heads = reference.blocks[0].attn.num_heads
     config = vit_config_from_dino_state_dict(state_dict, num_attention_heads=heads, **config_overrides)
@@ -113,9 +111,7 @@ def test_dino_interpolation_formula():
     assert (by_size - by_scale).abs().max() > 1e-3
     # a constant table stays constant (bicubic weights sum to one)
     constant = torch.full((1, 17, 2), 0.25)
-    torch.testing.assert_close(
-        dino_interpolate_pos_encoding(constant, 80, 24, 8), torch.full((1, 31, 2), 0.25)
-    )
+    torch.testing.assert_close(dino_interpolate_pos_encoding(constant, 80, 24, 8), torch.full((1, 31, 2), 0.25))
     with pytest.raises(ValueError, match="square grid"):
         dino_interpolate_pos_encoding(torch.randn(1, 1 + 12, 2), 48, 40, 8)
 
@@ -436,9 +432,7 @@ def test_converter_splits_qkv_and_round_trips(tiny_reference):
 
 
 def test_converter_prefix_and_inferred_config():
-    reference = ReferenceDinoViT(
-        img_size=224, patch_size=8, embed_dim=128, depth=3, num_heads=2, qkv_bias=False
-    )
+    reference = ReferenceDinoViT(img_size=224, patch_size=8, embed_dim=128, depth=3, num_heads=2, qkv_bias=False)
     checkpoint = {f"net.model.{key}": value for key, value in reference.state_dict().items()}
     checkpoint["net.cluster1.0.weight"] = torch.zeros(70, 128, 1, 1)
     checkpoint["linear_probe.weight"] = torch.zeros(27, 70, 1, 1)

@@ -59,9 +59,7 @@ def _fake_coco(root: Path) -> dict[str, np.ndarray]:
     """Three val2017 images; annotation values hit things, stuff, 255 and ids outside the table."""
     annotations = {
         "000000000139": np.array([[0, 1, 9, 14], [15, 25, 33, 43], [51, 61, 71, 77], [83, 90, 91, 255]]),
-        "000000000285": np.array(
-            [[92, 100, 101, 119], [120, 147, 170, 177], [179, 181, 182, 200], [254, 5, 5, 5]]
-        ),
+        "000000000285": np.array([[92, 100, 101, 119], [120, 147, 170, 177], [179, 181, 182, 200], [254, 5, 5, 5]]),
         "000000000632": np.full((4, 4), 255),
     }
     (root / "images" / "val2017").mkdir(parents=True)
@@ -108,12 +106,8 @@ def test_convert_cocostuff27_image_list_and_errors(tmp_path):
     raw = tmp_path / "cocostuff"
     _fake_coco(raw)
     (raw / "curated" / "val2017").mkdir(parents=True)
-    (raw / "curated" / "val2017" / "Coco164kFull_Stuff_Coarse_7.txt").write_text(
-        "000000000285\n000000000632\n\n"
-    )
-    output = convert_cocostuff27(
-        raw, tmp_path / "out", split="val", image_list="Coco164kFull_Stuff_Coarse_7.txt"
-    )
+    (raw / "curated" / "val2017" / "Coco164kFull_Stuff_Coarse_7.txt").write_text("000000000285\n000000000632\n\n")
+    output = convert_cocostuff27(raw, tmp_path / "out", split="val", image_list="Coco164kFull_Stuff_Coarse_7.txt")
     assert load_segmentation_dataset(output, split="val")["file_name"] == ["000000000285", "000000000632"]
 
     with pytest.raises(FileExistsError, match=r"already holds the split 'val'"):
@@ -147,9 +141,7 @@ def test_convert_with_worker_processes_gives_the_same_shards(tmp_path):
 def test_label_size_mismatch_is_named(tmp_path):
     raw = tmp_path / "cocostuff"
     _fake_coco(raw)
-    Image.fromarray(np.zeros((3, 4), dtype=np.uint8)).save(
-        raw / "annotations" / "val2017" / "000000000285.png"
-    )
+    Image.fromarray(np.zeros((3, 4), dtype=np.uint8)).save(raw / "annotations" / "val2017" / "000000000285.png")
     with pytest.raises(ValueError, match=r"000000000285.png is 4x3 but image .*000000000285.jpg is 4x4"):
         convert_cocostuff27(raw, tmp_path / "out", split="val")
     assert not list((tmp_path / "out").glob("*.parquet"))  # nothing half-written
@@ -165,9 +157,7 @@ def test_convert_cityscapes27_exact_mapping(tmp_path):
     for index, (city, stem) in enumerate(frames):
         (raw / "leftImg8bit" / "val" / city).mkdir(parents=True, exist_ok=True)
         (raw / "gtFine" / "val" / city).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(_rgb(index, 4, 9)).save(
-            raw / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png"
-        )
+        Image.fromarray(_rgb(index, 4, 9)).save(raw / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png")
         ids = np.roll(label_ids, index).astype(np.uint8)
         Image.fromarray(ids).save(raw / "gtFine" / "val" / city / f"{stem}_gtFine_labelIds.png")
         # other gtFine files must be ignored
@@ -183,11 +173,7 @@ def test_convert_cityscapes27_exact_mapping(tmp_path):
         np.testing.assert_array_equal(label, expected)
     np.testing.assert_array_equal(_labels(dataset)[0][0], [255] * 7 + [0, 1])
     meta = segmentation_metadata(dataset)
-    assert (
-        meta["num_classes"] == 27
-        and meta["class_names"][0] == "road"
-        and meta["class_names"][26] == "bicycle"
-    )
+    assert meta["num_classes"] == 27 and meta["class_names"][0] == "road" and meta["class_names"][26] == "bicycle"
     np.testing.assert_array_equal(np.asarray(dataset[1]["image"]), _rgb(1, 4, 9))  # PNG kept losslessly
 
     with pytest.raises(ValueError, match=r"split 'test' not found .*\['train', 'val'\]"):

@@ -97,16 +97,12 @@ def test_crf_parameters_are_passed_through():
     logits = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(2))
     zero_iterations = dense_crf(image, logits, num_iterations=0)
     # no mean-field step: Q is the softmax of -unary = the clipped, renormalised probabilities
-    probs = torch.softmax(
-        F.interpolate(logits[None], size=(20, 30), mode="bilinear", align_corners=False)[0], 0
-    )
+    probs = torch.softmax(F.interpolate(logits[None], size=(20, 30), mode="bilinear", align_corners=False)[0], 0)
     clipped = probs.clamp_min(1e-5)
     torch.testing.assert_close(zero_iterations, clipped / clipped.sum(0), atol=1e-6, rtol=1e-5)
     no_pairwise = dense_crf(image, logits, gaussian_compat=0, bilateral_compat=0)
     torch.testing.assert_close(no_pairwise, zero_iterations, atol=1e-6, rtol=1e-5)
-    assert not torch.allclose(
-        dense_crf(image, logits, bilateral_srgb=30.0), dense_crf(image, logits), atol=1e-3
-    )
+    assert not torch.allclose(dense_crf(image, logits, bilateral_srgb=30.0), dense_crf(image, logits), atol=1e-3)
 
 
 def test_denormalize_truncates_known_values():
@@ -121,10 +117,7 @@ def test_denormalize_truncates_known_values():
     # batch layout and numpy input; custom mean/std
     batch = denormalize_to_uint8(np.zeros((2, 3, 4, 5), dtype=np.float32))
     assert batch.shape == (2, 4, 5, 3) and (batch[..., 0] == 123).all()
-    assert (
-        denormalize_to_uint8(torch.zeros(3, 1, 1), mean=(0.5,) * 3, std=(0.5,) * 3)[0, 0].tolist()
-        == [127] * 3
-    )
+    assert denormalize_to_uint8(torch.zeros(3, 1, 1), mean=(0.5,) * 3, std=(0.5,) * 3)[0, 0].tolist() == [127] * 3
 
 
 def test_denormalize_of_a_normalised_image_is_the_image_or_one_less():

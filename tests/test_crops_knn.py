@@ -104,12 +104,8 @@ def test_expand_five_crops_lazy_and_materialised():
     assert isinstance(materialised.features["image"], datasets.Image)
     assert materialised.column_names == ["image", "label", "source_index", "crop_index"]
     for index in (0, 9, 14):
-        np.testing.assert_array_equal(
-            np.asarray(materialised[index]["image"]), np.asarray(crops[index]["image"])
-        )
-        np.testing.assert_array_equal(
-            np.asarray(materialised[index]["label"]), np.asarray(crops[index]["label"])
-        )
+        np.testing.assert_array_equal(np.asarray(materialised[index]["image"]), np.asarray(crops[index]["image"]))
+        np.testing.assert_array_equal(np.asarray(materialised[index]["label"]), np.asarray(crops[index]["label"]))
 
 
 def test_expand_five_crops_errors():

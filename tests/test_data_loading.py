@@ -19,9 +19,7 @@ from hf_useg.data import loading as loading_module
 @pytest.fixture(autouse=True)
 def _private_datasets_cache(tmp_path_factory, monkeypatch):
     # Parquet/imagefolder sources go through the `datasets` Arrow cache: keep it out of ~/.cache.
-    monkeypatch.setattr(
-        datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache")
-    )
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache"))
 
 
 def _image(seed: int, height: int = 6, width: int = 8) -> np.ndarray:
@@ -99,9 +97,7 @@ def test_camvid_real_data(camvid_root):
     # the first decoded image matches the provenance hash of its pixels
     first = train[0]
     hashes = dict(
-        line.split()[::-1]
-        for line in (camvid_root / "pixel_sha256.txt").read_text().splitlines()
-        if line.strip()
+        line.split()[::-1] for line in (camvid_root / "pixel_sha256.txt").read_text().splitlines() if line.strip()
     )
     import hashlib
 
@@ -125,9 +121,7 @@ def test_folder_pair_round_trip(tmp_path):
     _write_folder_pair(tmp_path, {"train": 3, "val": 2}, ext=".webp")
     # webp is lossy by default: store the reference images losslessly instead
     for index in range(3):
-        Image.fromarray(_image(index)).save(
-            tmp_path / "images" / "train" / f"item_{index}.webp", lossless=True
-        )
+        Image.fromarray(_image(index)).save(tmp_path / "images" / "train" / f"item_{index}.webp", lossless=True)
     train = load_segmentation_dataset(tmp_path, split="train")
     _assert_matches_records(train)
     assert train["file_name"] == ["item_0", "item_1", "item_2"]
@@ -396,9 +390,7 @@ def test_hub_unreachable_and_missing(monkeypatch):
         raise error
 
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", missing)
-    with pytest.raises(
-        FileNotFoundError, match=r"neither an existing local path nor a dataset on the Hugging"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"neither an existing local path nor a dataset on the Hugging"):
         load_segmentation_dataset("someone/dataset")
 
 
@@ -422,9 +414,7 @@ def test_label_to_tensor_values():
 
 def test_label_to_tensor_modes():
     wide = np.array([[0, 300], [70000, 2]], dtype=np.int32)
-    assert torch.equal(
-        label_to_tensor(Image.fromarray(wide), num_classes=301), torch.tensor([[0, 300], [-1, 2]])
-    )
+    assert torch.equal(label_to_tensor(Image.fromarray(wide), num_classes=301), torch.tensor([[0, 300], [-1, 2]]))
     sixteen = Image.fromarray(np.array([[1, 1000]], dtype=np.uint16))
     assert torch.equal(label_to_tensor(sixteen), torch.tensor([[1, 1000]]))
     palette = Image.new("P", (2, 2))  # VOC-style: the palette index is the class id, whatever its colour

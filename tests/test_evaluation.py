@@ -132,9 +132,7 @@ def test_input_dtypes_and_layouts_agree():
     ]:
         assert torch.equal(confusion_matrix(p, lab, num_classes=5), expected)
     # boolean maps are ids 0/1
-    matrix = confusion_matrix(
-        torch.tensor([True, False, True]), np.array([True, False, False]), num_classes=2
-    )
+    matrix = confusion_matrix(torch.tensor([True, False, True]), np.array([True, False, False]), num_classes=2)
     assert matrix.tolist() == [[1, 0], [1, 1]]
 
 
@@ -366,9 +364,7 @@ def test_many_updates_equal_one_update_on_the_concatenation():
     for preds, labels in batches:
         streaming.update(preds, labels)
     single = UnsupervisedSegmentationMetric(num_classes=4, num_clusters=6)
-    single.update(
-        np.concatenate([p.ravel() for p, _ in batches]), np.concatenate([lab.ravel() for _, lab in batches])
-    )
+    single.update(np.concatenate([p.ravel() for p, _ in batches]), np.concatenate([lab.ravel() for _, lab in batches]))
     assert torch.equal(streaming.confusion_matrix, single.confusion_matrix)
     assert streaming.num_ignored_pixels == single.num_ignored_pixels > 0
     a, b = streaming.compute(), single.compute()
@@ -516,9 +512,7 @@ def test_sync_all_reduces_across_two_gloo_processes(tmp_path):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         env["OMP_NUM_THREADS"] = "1"
         env["HF_USEG_EVALUATION_FILE"] = str(REPO_ROOT / "hf_useg" / "evaluation.py")
-        procs.append(
-            subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
-        )
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True))
     outputs = []
     for proc in procs:
         stdout, _ = proc.communicate(timeout=120)

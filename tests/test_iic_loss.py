@@ -173,9 +173,7 @@ def test_displacement_joints_match_definition(T):
     assert joints.shape == (2 * T + 1, 2 * T + 1, 3, 3)
     for dy in range(-T, T + 1):
         for dx in range(-T, T + 1):
-            torch.testing.assert_close(
-                joints[dy + T, dx + T], ref_joint(x1, x2, dy, dx), rtol=1e-12, atol=1e-12
-            )
+            torch.testing.assert_close(joints[dy + T, dx + T], ref_joint(x1, x2, dy, dx), rtol=1e-12, atol=1e-12)
     if T > 0:
         assert not torch.allclose(joints[T + 1, T], ref_joint(x1, x2, -1, 0))
 
@@ -195,9 +193,7 @@ def test_matches_reference_float64(case, uncollapsed):
         lamb=lamb,
         uncollapsed=uncollapsed,
     )
-    ref, r1, r2 = loss_and_grads(
-        ref_loss, x1, x2, theta=theta, mask=mask, T=T, lamb=lamb, uncollapsed=uncollapsed
-    )
+    ref, r1, r2 = loss_and_grads(ref_loss, x1, x2, theta=theta, mask=mask, T=T, lamb=lamb, uncollapsed=uncollapsed)
     ref_no_lamb = ref_loss(x1.detach(), x2.detach(), theta, mask, T, 1.0, uncollapsed)
     assert loss.dtype == torch.float64
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
@@ -223,9 +219,7 @@ def test_float32_matches_float64_reference(case, uncollapsed):
         lamb=lamb,
         uncollapsed=uncollapsed,
     )
-    ref, r1, r2 = loss_and_grads(
-        ref_loss, x1, x2, theta=theta, mask=mask, T=T, lamb=lamb, uncollapsed=uncollapsed
-    )
+    ref, r1, r2 = loss_and_grads(ref_loss, x1, x2, theta=theta, mask=mask, T=T, lamb=lamb, uncollapsed=uncollapsed)
     assert loss.dtype == torch.float32 and g1.dtype == torch.float32
     torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(g1.double(), r1, rtol=1e-3, atol=1e-4 * r1.abs().max().item())

@@ -50,9 +50,7 @@ def test_hand_checked_resize_and_crop(processor):
     image = (10 * ids[..., None] + np.arange(3)).astype(np.uint8)
     # shortest edge 4 -> 2, so 6 -> int(2 * 6 / 4) = 3 rows; nearest keeps rows 1, 3, 5 and columns 1, 3;
     # a 2x2 center crop of 3 rows starts at row round(0.5) = 0
-    batch = processor(
-        image, segmentation_maps=ids, size={"shortest_edge": 2}, crop_size=2, return_tensors="pt"
-    )
+    batch = processor(image, segmentation_maps=ids, size={"shortest_edge": 2}, crop_size=2, return_tensors="pt")
     expected_ids = np.array([[5, 7], [13, 15]])
     assert batch["labels"].dtype == torch.int64
     np.testing.assert_array_equal(batch["labels"][0].numpy(), expected_ids)
@@ -83,9 +81,7 @@ def test_default_protocol_on_a_camvid_sized_image(processor):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (360, 480, 3), dtype=np.uint8)
     labels = image[..., 1].astype(np.int64) % 12
-    out = processor(
-        PIL.Image.fromarray(image), segmentation_maps=PIL.Image.fromarray(labels.astype(np.uint8))
-    )
+    out = processor(PIL.Image.fromarray(image), segmentation_maps=PIL.Image.fromarray(labels.astype(np.uint8)))
     assert resize_output_size(360, 480, {"shortest_edge": 320}) == (320, 426)
     resized = np.asarray(PIL.Image.fromarray(image).resize((426, 320), PIL.Image.NEAREST))
     left = round((426 - 320) / 2)
@@ -273,9 +269,7 @@ def test_save_and_load_round_trip(tmp_path):
     processor.save_pretrained(tmp_path)
     stored = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert stored["image_processor_type"] == "UnsupervisedSegmentationImageProcessor"
-    assert (
-        stored["size"] == {"shortest_edge": 224} and stored["size_divisor"] == 14 and stored["resample"] == 0
-    )
+    assert stored["size"] == {"shortest_edge": 224} and stored["size_divisor"] == 14 and stored["resample"] == 0
     loaded = UnsupervisedSegmentationImageProcessor.from_pretrained(tmp_path)
     assert loaded.to_dict() == processor.to_dict()
     image = np.random.default_rng(3).integers(0, 256, (50, 70, 3), dtype=np.uint8)

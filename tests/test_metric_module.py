@@ -42,9 +42,7 @@ def _random_maps(seed: int, num_clusters: int, num_classes: int, count: int = 6)
     for _ in range(count):
         shape = tuple(rng.integers(3, 40, size=2))  # every map has its own size
         preds = rng.integers(0, num_clusters, size=shape)
-        labels = np.where(
-            rng.random(shape) < 0.5, preds % num_classes, rng.integers(0, num_classes, size=shape)
-        )
+        labels = np.where(rng.random(shape) < 0.5, preds % num_classes, rng.integers(0, num_classes, size=shape))
         labels[rng.random(shape) < 0.1] = 255  # ignored
         predictions.append(preds)
         references.append(labels.astype(np.uint8))
@@ -111,9 +109,7 @@ def test_add_batch_then_compute_and_iid_plus_assignment(module):
     _assert_same(result, _class_result(predictions, references, num_classes=6))
     # IID+: a mapping fitted elsewhere is applied as given
     assignment = [5, 4, 3, 2, 1, 0]
-    result = module.compute(
-        predictions=predictions, references=references, num_classes=6, assignment=assignment
-    )
+    result = module.compute(predictions=predictions, references=references, num_classes=6, assignment=assignment)
     metric = UnsupervisedSegmentationMetric(num_classes=6)
     for preds, labels in zip(predictions, references):
         metric.update(preds, labels)
@@ -127,9 +123,7 @@ def test_errors_name_the_map(module):
     predictions[1][0, 0] = 3
     with pytest.raises(ValueError, match=r"map 1: predicted cluster ids must lie in \[0, num_clusters=3\)"):
         module.compute(predictions=predictions, references=references, num_classes=3)
-    with pytest.raises(
-        ValueError, match=r"map 0: preds and labels must have the same shape.*\(2, 3\).*\(3, 2\)"
-    ):
+    with pytest.raises(ValueError, match=r"map 0: preds and labels must have the same shape.*\(2, 3\).*\(3, 2\)"):
         module.compute(
             predictions=[np.zeros((2, 3), dtype=int)], references=[np.zeros((3, 2), dtype=int)], num_classes=3
         )

@@ -199,9 +199,7 @@ def test_features_normalised_inside_centroids_not():
     z1, z2, mu1, mu2, y1, y2, _, _ = random_inputs(2, 4, 3, 3, 4, seed=3)
     base = picie_loss(z1, z2, mu1, mu2, y1, y2).loss
     scale = torch.rand(2, 1, 3, 3, dtype=torch.float64) * 10 + 0.1  # per-pixel positive rescaling
-    torch.testing.assert_close(
-        picie_loss(z1 * scale, z2 / scale, mu1, mu2, y1, y2).loss, base, rtol=1e-12, atol=0
-    )
+    torch.testing.assert_close(picie_loss(z1 * scale, z2 / scale, mu1, mu2, y1, y2).loss, base, rtol=1e-12, atol=0)
     # no temperature / centroid normalisation: scaling μ changes the logits' scale and the loss
     assert abs(picie_loss(z1, z2, 3 * mu1, 3 * mu2, y1, y2).loss.item() - base.item()) > 1e-2
 
@@ -272,9 +270,7 @@ def test_picie_loss_with_overclustering():
     main = picie_loss(z1, z2, mu1, mu2, y1, y2, w1, w2)
     over = picie_loss(z1, z2, over1, over2, oy1, oy2, ow1, ow2)
     a = math.log(10) / (math.log(3) + math.log(10))
-    assert out.main_weight == pytest.approx(a, rel=1e-15) and out.over_weight == pytest.approx(
-        1 - a, rel=1e-14
-    )
+    assert out.main_weight == pytest.approx(a, rel=1e-15) and out.over_weight == pytest.approx(1 - a, rel=1e-14)
     torch.testing.assert_close(out.loss, a * main.loss + (1 - a) * over.loss, rtol=1e-12, atol=0)
     torch.testing.assert_close(out.main.loss, main.loss, rtol=0, atol=0)
     torch.testing.assert_close(out.over.cross, over.cross, rtol=0, atol=0)

@@ -162,9 +162,7 @@ def test_save_load_round_trip(tmp_path):
 
 def test_backbone_config_dict():
     # a dict without model_type overrides the default DINO ViT-B/8 (keeping DINO's LayerNorm eps)
-    config = StegoConfig(
-        backbone_config={"hidden_size": 384, "num_attention_heads": 6, "intermediate_size": 1536}
-    )
+    config = StegoConfig(backbone_config={"hidden_size": 384, "num_attention_heads": 6, "intermediate_size": 1536})
     assert isinstance(config.backbone_config, ViTConfig)
     assert (config.backbone_config.hidden_size, config.backbone_config.patch_size) == (384, 8)
     assert config.backbone_config.layer_norm_eps == 1e-6

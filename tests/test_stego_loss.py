@@ -228,9 +228,7 @@ def test_hand_computed_zero_clamp_and_stabilize():
     # Random partner code (-0.6, 0, 0.8): S = -0.6. zero_clamp -> 0 -> term 0; without: -(-0.6)(0 - 1) = -0.6.
     case = _one_point_case((-0.6, 0.0, 0.8))
     assert StegoCorrelationLoss(StegoConfig())(*case).neg_inter.item() == pytest.approx(0.0, abs=1e-7)
-    assert StegoCorrelationLoss(StegoConfig(zero_clamp=False))(*case).neg_inter.item() == pytest.approx(
-        -0.6, abs=1e-6
-    )
+    assert StegoCorrelationLoss(StegoConfig(zero_clamp=False))(*case).neg_inter.item() == pytest.approx(-0.6, abs=1e-6)
     # stabilize: self S = 1 -> 0.8: -0.8 * 0.88 = -0.704; kNN S = 0.8 stays.
     out = StegoCorrelationLoss(StegoConfig(stabilize=True))(*case)
     assert out.pos_intra.item() == pytest.approx(-0.704, abs=1e-6)
@@ -319,9 +317,7 @@ def test_loss_correlations_follow_the_transposed_convention():
                     r1, c1 = corners[tuple(int(v) for v in coords[0, w, h].tolist())]
                     r2, c2 = corners[tuple(int(v) for v in coords[0, j, i].tolist())]
                     want = (unit[:, r1, c1] * unit[:, r2, c2]).sum()
-                    assert out.pos_intra_correlation[0, h, w, i, j].item() == pytest.approx(
-                        want.item(), abs=1e-6
-                    )
+                    assert out.pos_intra_correlation[0, h, w, i, j].item() == pytest.approx(want.item(), abs=1e-6)
 
 
 def test_norm_and_tensor_correlation():
@@ -391,9 +387,7 @@ def test_no_gradient_into_features_and_default_draws():
 
     # The draws come from the generator: the same seed reproduces the loss, another seed changes it.
     def run(seed):
-        return loss_fn(
-            features, features_pos, code, code_pos, generator=torch.Generator().manual_seed(seed)
-        ).loss
+        return loss_fn(features, features_pos, code, code_pos, generator=torch.Generator().manual_seed(seed)).loss
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))

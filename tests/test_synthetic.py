@@ -60,9 +60,7 @@ def test_deterministic_given_seed():
 
 def test_class_appearance_is_shared_across_seeds():
     def class_means(seed):
-        images, labels = _arrays(
-            make_synthetic_scenes(num_images=24, image_size=32, num_classes=4, seed=seed)
-        )
+        images, labels = _arrays(make_synthetic_scenes(num_images=24, image_size=32, num_classes=4, seed=seed))
         return np.stack([images[labels == c].mean(axis=0) for c in range(4)])
 
     first, second = class_means(0), class_means(1)
@@ -113,9 +111,7 @@ def test_bad_arguments():
 
 def test_save_and_load_round_trip(tmp_path):
     root = save_synthetic_scenes(tmp_path / "scenes", num_images=5, image_size=20, num_classes=3, seed=2)
-    save_synthetic_scenes(
-        tmp_path / "scenes", num_images=2, image_size=20, num_classes=3, seed=9, split="val"
-    )
+    save_synthetic_scenes(tmp_path / "scenes", num_images=2, image_size=20, num_classes=3, seed=9, split="val")
     assert sorted(p.name for p in (root / "images").iterdir()) == ["train", "val"]
     classes = json.loads((root / "classes.json").read_text())
     assert classes["synthetic"] is True and classes["num_classes"] == 3
@@ -127,11 +123,7 @@ def test_save_and_load_round_trip(tmp_path):
     np.testing.assert_array_equal(images, expected_images)
     np.testing.assert_array_equal(labels, expected_labels)
     meta = segmentation_metadata(loaded)
-    assert (
-        meta["synthetic"] is True
-        and meta["num_classes"] == 3
-        and meta["class_names"][2] == "synthetic-class-2"
-    )
+    assert meta["synthetic"] is True and meta["num_classes"] == 3 and meta["class_names"][2] == "synthetic-class-2"
     assert len(load_segmentation_dataset(root, split="val")) == 2
 
     # rewriting a split with fewer scenes leaves no stale files behind

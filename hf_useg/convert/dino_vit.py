@@ -69,9 +69,7 @@ _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 def _strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     if not isinstance(state_dict, Mapping):
-        raise TypeError(
-            f"state_dict must be a mapping of parameter names to tensors, got {type(state_dict).__name__}"
-        )
+        raise TypeError(f"state_dict must be a mapping of parameter names to tensors, got {type(state_dict).__name__}")
     stripped = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
     if not stripped:
         sample = ", ".join(list(state_dict)[:5])
@@ -92,9 +90,7 @@ def _check_dino(weights: Mapping[str, torch.Tensor], prefix: str) -> None:
         )
 
 
-def convert_dino_vit_state_dict(
-    state_dict: Mapping[str, torch.Tensor], prefix: str = ""
-) -> dict[str, torch.Tensor]:
+def convert_dino_vit_state_dict(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
     """Rename a DINO/timm ViT state dict (keys under ``prefix``) to transformers-5 `ViTModel` names.
 
     Keys outside ``prefix`` are ignored (e.g. a STEGO checkpoint's heads when ``prefix="net.model."``); every
@@ -213,14 +209,11 @@ def vit_config_from_dino_state_dict(
         weights["patch_embed.proj.weight"],
     )
     if cls_token.dim() != 3 or cls_token.shape[:2] != (1, 1):
-        raise ValueError(
-            f"{prefix}cls_token has shape {tuple(cls_token.shape)}, expected (1, 1, hidden_size)"
-        )
+        raise ValueError(f"{prefix}cls_token has shape {tuple(cls_token.shape)}, expected (1, 1, hidden_size)")
     hidden_size = cls_token.shape[-1]
     if proj.dim() != 4 or proj.shape[0] != hidden_size or proj.shape[2] != proj.shape[3]:
         raise ValueError(
-            f"{prefix}patch_embed.proj.weight has shape {tuple(proj.shape)}, "
-            f"expected ({hidden_size}, C, p, p)"
+            f"{prefix}patch_embed.proj.weight has shape {tuple(proj.shape)}, expected ({hidden_size}, C, p, p)"
         )
     num_channels, patch_size = proj.shape[1], proj.shape[2]
     num_positions = pos_embed.shape[1] - 1
@@ -239,8 +232,7 @@ def vit_config_from_dino_state_dict(
         raise KeyError(f"not a DINO/timm ViT state dict: missing {prefix}blocks.0.mlp.fc1.weight")
     if "num_attention_heads" not in overrides and hidden_size % 64 != 0:
         raise ValueError(
-            f"hidden size {hidden_size} is not a multiple of 64 (DINO's head width): "
-            "pass num_attention_heads="
+            f"hidden size {hidden_size} is not a multiple of 64 (DINO's head width): pass num_attention_heads="
         )
     kwargs = {
         "hidden_size": hidden_size,

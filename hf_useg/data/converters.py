@@ -104,9 +104,7 @@ class _Item:
     image_path: Path
     label_path: Path | None
     file_name: str
-    image_reader: (
-        str  # "bytes" (keep the encoded file), "mat" (IIC/STEGO .mat), "rgb" (decode, keep 3 channels)
-    )
+    image_reader: str  # "bytes" (keep the encoded file), "mat" (IIC/STEGO .mat), "rgb" (decode, keep 3 channels)
     label_reader: str  # "ids" (single-channel ids), "mat", "ids_or_isprs" (ids or ISPRS colours)
     table: dict[int, int] = field(default_factory=dict)
 
@@ -321,9 +319,7 @@ def _read_image_list(image_list: str | Path | Sequence[str], raw_root: Path, spl
         if not path.is_file():
             candidate = raw_root / "curated" / split_dir / path.name
             if not candidate.is_file():
-                raise FileNotFoundError(
-                    f"image list {str(image_list)!r} not found (also looked at {candidate})"
-                )
+                raise FileNotFoundError(f"image list {str(image_list)!r} not found (also looked at {candidate})")
             path = candidate
         names: Iterable[str] = path.read_text().splitlines()
     else:
@@ -385,9 +381,7 @@ def convert_cocostuff27(
     image_dir, annotation_dir = raw_root / "images" / split_dir, raw_root / "annotations" / split_dir
     for folder in (image_dir, annotation_dir):
         if not folder.is_dir():
-            raise FileNotFoundError(
-                f"COCO-Stuff folder {folder} not found (expected images/ and annotations/)"
-            )
+            raise FileNotFoundError(f"COCO-Stuff folder {folder} not found (expected images/ and annotations/)")
     if image_list is None:
         ids = sorted(path.stem for path in image_dir.glob("*.jpg"))
     else:
@@ -399,9 +393,7 @@ def convert_cocostuff27(
     missing_labels = [i for i in ids if not (annotation_dir / f"{i}.png").is_file()]
     if missing_labels:
         raise _missing_error("annotation(s)", [f"{i}.png" for i in missing_labels], annotation_dir)
-    items = [
-        _Item(image_dir / f"{i}.jpg", annotation_dir / f"{i}.png", i, "bytes", "ids", table) for i in ids
-    ]
+    items = [_Item(image_dir / f"{i}.jpg", annotation_dir / f"{i}.png", i, "bytes", "ids", table) for i in ids]
     maps = load_label_maps()["cocostuff27"]
     classes = _classes_json(
         "COCO-Stuff-27",

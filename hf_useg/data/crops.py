@@ -172,9 +172,7 @@ def expand_five_crops(dataset, ratio: float = 0.5, *, lazy: bool = True):
         }
     )
     metadata = segmentation_metadata(dataset)
-    summary = (
-        f"Five crops (ratio {ratio}; order tl, tr, bl, br, center) of each item of a {count}-item dataset."
-    )
+    summary = f"Five crops (ratio {ratio}; order tl, tr, bl, br, center) of each item of a {count}-item dataset."
     source_summary = "\n".join(
         line
         for line in (getattr(dataset.info, "description", "") or "").splitlines()

@@ -117,9 +117,7 @@ def nearest_neighbors(
     if not isinstance(descriptors, torch.Tensor):
         raise TypeError(f"descriptors must be a torch.Tensor, got {type(descriptors).__name__}")
     if descriptors.ndim != 2 or descriptors.shape[0] == 0:
-        raise ValueError(
-            f"descriptors must be a non-empty [N, C] tensor, got shape {tuple(descriptors.shape)}"
-        )
+        raise ValueError(f"descriptors must be a non-empty [N, C] tensor, got shape {tuple(descriptors.shape)}")
     count = descriptors.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= count:
         raise ValueError(f"k must be an int in [1, N={count}], got {k!r}")

@@ -193,9 +193,7 @@ def label_to_tensor(label: Any, num_classes: int | None = None, ignore_index: in
     if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
         array = array[0] if array.shape[0] == 1 else array[..., 0]
     if array.ndim != 2:
-        raise ValueError(
-            f"label map must be a single-channel [H, W] map of class ids, got shape {tuple(array.shape)}"
-        )
+        raise ValueError(f"label map must be a single-channel [H, W] map of class ids, got shape {tuple(array.shape)}")
     tensor = torch.from_numpy(np.array(array, dtype=np.int64, copy=True))
     invalid = tensor < 0
     if num_classes is not None:
@@ -240,9 +238,7 @@ def check_label_sizes(dataset, max_items: int | None = None, batch_size: int = 2
     count = len(dataset) if max_items is None else min(len(dataset), max_items)
     columns = ["image", "label"] + (["file_name"] if "file_name" in dataset.column_names else [])
     raw = dataset.select_columns(columns).select(range(count)).with_format(None)
-    raw = raw.cast_column("image", datasets.Image(decode=False)).cast_column(
-        "label", datasets.Image(decode=False)
-    )
+    raw = raw.cast_column("image", datasets.Image(decode=False)).cast_column("label", datasets.Image(decode=False))
     for start in range(0, count, batch_size):
         batch = raw[start : start + batch_size]
         names = batch.get("file_name") or [None] * len(batch["image"])
@@ -348,15 +344,11 @@ def load_segmentation_dataset(
     _set_metadata(dataset, metadata)
     # Local image files: check every pair (headers only, cheap). Embedded bytes: reading them all could be
     # gigabytes, so only the first items are checked here.
-    check_label_sizes(
-        dataset, max_items=None if kind in ("folder", "imagefolder") else _CHECKED_EMBEDDED_ITEMS
-    )
+    check_label_sizes(dataset, max_items=None if kind in ("folder", "imagefolder") else _CHECKED_EMBEDDED_ITEMS)
     return dataset
 
 
-def _resolve_class_metadata(
-    num_classes: int | None, class_info: dict[str, Any], source: str
-) -> dict[str, Any]:
+def _resolve_class_metadata(num_classes: int | None, class_info: dict[str, Any], source: str) -> dict[str, Any]:
     names = class_info.get("class_names")
     stored = class_info.get("num_classes")
     if stored is None and names is not None:
@@ -468,9 +460,7 @@ def _list_files(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
         if file.is_file() and file.suffix.lower() in extensions and not file.name.startswith("."):
             key = file.relative_to(folder).with_suffix("").as_posix()
             if key in files:
-                raise ValueError(
-                    f"two files share the stem {key!r} in {folder}: {files[key].name}, {file.name}"
-                )
+                raise ValueError(f"two files share the stem {key!r} in {folder}: {files[key].name}, {file.name}")
             files[key] = file
     return files
 
@@ -483,9 +473,7 @@ def _load_folder_pair(root: Path, split: str):
     images_root, labels_root = root / "images", root / "labels"
     available = sorted(p.name for p in images_root.iterdir() if p.is_dir())
     if not available:
-        raise ValueError(
-            f"{images_root} holds no split folders (expected {images_root}/<split>/<image files>)"
-        )
+        raise ValueError(f"{images_root} holds no split folders (expected {images_root}/<split>/<image files>)")
     name = _pick_split(split, available, f"{images_root}")
     images = _list_files(images_root / name, IMAGE_EXTENSIONS)
     if not images:
@@ -595,9 +583,7 @@ def _load_from_hub(repo_id: str, split: str):
                 f"{repo_id!r} is neither an existing local path nor a dataset on the Hugging Face Hub"
             ) from error
         except HFValidationError as error:
-            raise FileNotFoundError(
-                f"{repo_id!r} is neither an existing local path nor a valid Hub id"
-            ) from error
+            raise FileNotFoundError(f"{repo_id!r} is neither an existing local path nor a valid Hub id") from error
         except Exception as error:  # network errors come from several libraries (httpx, socket, ...)
             raise ConnectionError(
                 f"{repo_id!r} is not a local path, and the Hugging Face Hub could not be reached "
@@ -652,9 +638,7 @@ def _normalise_columns(dataset, source: str, image_column: str | None, label_col
     columns = dataset.column_names
     if image_column is not None:
         if image_column not in columns:
-            raise ValueError(
-                f"image_column {image_column!r} is not a column of {source!r} (columns: {columns})"
-            )
+            raise ValueError(f"image_column {image_column!r} is not a column of {source!r} (columns: {columns})")
         image_name = image_column
     else:
         image_name = next((name for name in IMAGE_COLUMN_ALIASES if name in columns), None)
@@ -666,12 +650,8 @@ def _normalise_columns(dataset, source: str, image_column: str | None, label_col
 
     if label_column is not None:
         if label_column not in columns:
-            raise ValueError(
-                f"label_column {label_column!r} is not a column of {source!r} (columns: {columns})"
-            )
-        if not (
-            _is_image_feature(dataset.features[label_column]) or _castable_to_image(dataset, label_column)
-        ):
+            raise ValueError(f"label_column {label_column!r} is not a column of {source!r} (columns: {columns})")
+        if not (_is_image_feature(dataset.features[label_column]) or _castable_to_image(dataset, label_column)):
             raise ValueError(
                 f"label_column {label_column!r} of {source!r} is {dataset.features[label_column]}, "
                 "not a segmentation map (an image of class ids)"

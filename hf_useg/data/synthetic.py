@@ -168,9 +168,7 @@ def save_synthetic_scenes(
         "synthetic": True,
         "num_classes": num_classes,
         "ignore_index": None,
-        "classes": [
-            {"id": index, "name": name} for index, name in enumerate(synthetic_class_names(num_classes))
-        ],
+        "classes": [{"id": index, "name": name} for index, name in enumerate(synthetic_class_names(num_classes))],
     }
     (root / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
     return root

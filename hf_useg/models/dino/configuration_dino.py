@@ -4,17 +4,10 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ...backbones import dino_vit_kwargs
+
 # DINO v1 ViT-S/8 (facebook/dino-vits8); LayerNorm eps 1e-6 reproduces DINO's features (METHODS 0.1).
-DINO_VIT_SMALL_8 = {
-    "hidden_size": 384,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 6,
-    "intermediate_size": 1536,
-    "patch_size": 8,
-    "image_size": 224,
-    "layer_norm_eps": 1e-6,
-    "qkv_bias": True,
-}
+DINO_VIT_SMALL_8 = dino_vit_kwargs("vit_small", 8)
 
 _MODES = ("kmeans", "attention")
 

@@ -4,19 +4,10 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ...backbones import dino_vit_kwargs
+
 # DINO v1 ViT-S/16 (facebook/dino-vits16): the architecture of DINO's reference 100-epoch run.
-DINO_VIT_SMALL_16 = {
-    "hidden_size": 384,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 6,
-    "intermediate_size": 1536,
-    "patch_size": 16,
-    "image_size": 224,
-    "layer_norm_eps": 1e-6,
-    "qkv_bias": True,
-    "hidden_dropout_prob": 0.0,
-    "attention_probs_dropout_prob": 0.0,
-}
+DINO_VIT_SMALL_16 = dino_vit_kwargs("vit_small", 16)
 
 
 def _check_scale(name: str, scale) -> tuple[float, float]:

@@ -10,19 +10,12 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ...backbones import dino_vit_kwargs
+
 __all__ = ["IicConfig"]
 
 # DINO v1 ViT-S/8: the default when `trunk="backbone"` is asked for without a `backbone_config`.
-DINO_VIT_SMALL_8 = {
-    "hidden_size": 384,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 6,
-    "intermediate_size": 1536,
-    "patch_size": 8,
-    "image_size": 224,
-    "layer_norm_eps": 1e-6,
-    "qkv_bias": True,
-}
+DINO_VIT_SMALL_8 = dino_vit_kwargs("vit_small", 8)
 
 # The paper's segmentation trunk (IIC "SegmentationNet10a"): 3x3 convs (BN + ReLU), a 2x2 max-pool after the
 # second conv, the last two convs dilated by 2.

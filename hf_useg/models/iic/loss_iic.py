@@ -29,15 +29,11 @@ def _check_inputs(
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim != 4:
-            raise ValueError(
-                f"`{name}` must be 4-D [B, K, H, W] (per-pixel softmax), got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"`{name}` must be 4-D [B, K, H, W] (per-pixel softmax), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"`{name}` must be a floating-point tensor, got {x.dtype}")
     if x1.shape != x2.shape:
-        raise ValueError(
-            f"`x1` and `x2` must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}"
-        )
+        raise ValueError(f"`x1` and `x2` must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
     if x1.dtype != x2.dtype:
         raise TypeError(f"`x1` and `x2` must have the same dtype, got {x1.dtype} and {x2.dtype}")
     batch_size, _, height, width = x1.shape
@@ -55,8 +51,7 @@ def _check_inputs(
             raise TypeError(f"`affine2_to_1` must be a torch.Tensor, got {type(affine2_to_1).__name__}")
         if tuple(affine2_to_1.shape) != (batch_size, 2, 3):
             raise ValueError(
-                f"`affine2_to_1` must have shape [B, 2, 3] = {[batch_size, 2, 3]}, "
-                f"got {list(affine2_to_1.shape)}"
+                f"`affine2_to_1` must have shape [B, 2, 3] = {[batch_size, 2, 3]}, got {list(affine2_to_1.shape)}"
             )
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
@@ -185,9 +180,7 @@ def iic_segmentation_loss(
     # normaliser would turn the loss into NaN.
     min_joint, min_norm = torch.stack([joints.detach().amin(), norms.detach().amin()]).tolist()
     if min_joint < 0:
-        raise ValueError(
-            "`x1` and `x2` must be non-negative (per-pixel softmax outputs); the joint has negatives"
-        )
+        raise ValueError("`x1` and `x2` must be non-negative (per-pixel softmax outputs); the joint has negatives")
     if min_norm <= 0:
         raise ValueError(
             "empty joint distribution (sum of P̃ is 0"

@@ -9,30 +9,14 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ...backbones import dino_vit_kwargs
+
 __all__ = ["StegoConfig"]
 
 # DINO v1 backbones (facebook/dino-vitb8, facebook/dino-vits8). LayerNorm eps 1e-6 reproduces DINO's features
 # bit-exactly (METHODS 0.1); transformers' ViT default of 1e-12 does not.
-DINO_VIT_BASE_8 = {
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "patch_size": 8,
-    "image_size": 224,
-    "layer_norm_eps": 1e-6,
-    "qkv_bias": True,
-}
-DINO_VIT_SMALL_8 = {
-    "hidden_size": 384,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 6,
-    "intermediate_size": 1536,
-    "patch_size": 8,
-    "image_size": 224,
-    "layer_norm_eps": 1e-6,
-    "qkv_bias": True,
-}
+DINO_VIT_BASE_8 = dino_vit_kwargs("vit_base", 8)
+DINO_VIT_SMALL_8 = dino_vit_kwargs("vit_small", 8)
 
 _PROJECTION_TYPES = ("nonlinear", "linear")
 _POS_EMBED_INTERPOLATIONS = ("auto", "dino", "transformers")
@@ -213,9 +197,7 @@ class StegoConfig(PreTrainedConfig):
 
     model_type = "stego"
     sub_configs_defaults = {
-        "backbone_config": SubConfigSpec(
-            config_class=AutoConfig, model_type="vit", init_kwargs=DINO_VIT_BASE_8
-        ),
+        "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="vit", init_kwargs=DINO_VIT_BASE_8),
     }
 
     backbone_config: dict | PreTrainedConfig | None = None
@@ -288,9 +270,7 @@ class StegoConfig(PreTrainedConfig):
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(
-                    f"StegoConfig.{name} must be a number, got {value!r} ({type(value).__name__})"
-                )
+                raise TypeError(f"StegoConfig.{name} must be a number, got {value!r} ({type(value).__name__})")
             if isinstance(value, int):
                 setattr(self, name, float(value))
         for name in _INT_FIELDS:
@@ -308,9 +288,7 @@ class StegoConfig(PreTrainedConfig):
 
     def _check_values(self) -> None:
         if self.projection_type not in _PROJECTION_TYPES:
-            raise ValueError(
-                f"projection_type must be one of {_PROJECTION_TYPES}, got {self.projection_type!r}"
-            )
+            raise ValueError(f"projection_type must be one of {_PROJECTION_TYPES}, got {self.projection_type!r}")
         if self.pos_embed_interpolation not in _POS_EMBED_INTERPOLATIONS:
             raise ValueError(
                 f"pos_embed_interpolation must be one of {_POS_EMBED_INTERPOLATIONS}, "

@@ -262,9 +262,7 @@ class StegoCorrelationLoss(nn.Module):
             if t.shape[0] != batch_size:
                 raise ValueError(f"{name} has batch size {t.shape[0]}, features has {batch_size}")
         if features_pos.shape[1] != features.shape[1]:
-            raise ValueError(
-                f"features_pos has {features_pos.shape[1]} channels, features has {features.shape[1]}"
-            )
+            raise ValueError(f"features_pos has {features_pos.shape[1]} channels, features has {features.shape[1]}")
         if code_pos.shape[1] != code.shape[1]:
             raise ValueError(f"code_pos has {code_pos.shape[1]} channels, code has {code.shape[1]}")
 
@@ -292,9 +290,7 @@ class StegoCorrelationLoss(nn.Module):
                 [super_perm(batch_size, device, generator) for _ in range(self.config.neg_samples)]
             )
         if not isinstance(neg_perms, torch.Tensor) or neg_perms.ndim != 2 or neg_perms.shape[1] != batch_size:
-            shape = (
-                tuple(neg_perms.shape) if isinstance(neg_perms, torch.Tensor) else type(neg_perms).__name__
-            )
+            shape = tuple(neg_perms.shape) if isinstance(neg_perms, torch.Tensor) else type(neg_perms).__name__
             raise ValueError(f"neg_perms must be [num_pairings, N={batch_size}], got {shape}")
         if neg_perms.dtype != torch.long:
             raise TypeError(f"neg_perms must be a long tensor, got {neg_perms.dtype}")
@@ -321,9 +317,7 @@ class StegoCorrelationLoss(nn.Module):
 
             config = self.config
             pos_intra_loss, pos_intra_cd = self._pair_loss(feats, feats, codes, codes, config.pos_intra_shift)
-            pos_inter_loss, pos_inter_cd = self._pair_loss(
-                feats, feats_pos, codes, codes_pos, config.pos_inter_shift
-            )
+            pos_inter_loss, pos_inter_cd = self._pair_loss(feats, feats_pos, codes, codes_pos, config.pos_inter_shift)
             # Random partners: image perm[n] of the same batch, sampled at coords2[n]. Each pairing is its own
             # "batch" for the pointwise centering and its global mean. One pairing at a time keeps a single
             # extra copy of the maps in memory.
