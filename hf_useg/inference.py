@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .data.processing import ProcessedSegmentationDataset, collate_segmentation_batch
@@ -42,11 +42,18 @@ def evaluate_segmenter(
 
     Returns ``{"cluster": metric_dict, "linear": metric_dict (when the model has a linear probe)}`` plus
     ``"*_crf"`` entries with ``crf=True``; each metric dict is `UnsupervisedSegmentationMetric.compute()`'s.
-    With an ``accelerator`` the batches are sharded over processes and the confusion matrices summed.
+    With an ``accelerator`` the images are split over processes (process ``r`` takes images ``r, r + P, ...``)
+    and the confusion matrices summed.
     """
     if max_images is not None:
         dataset = dataset.select(range(min(max_images, len(dataset))))
     items = ProcessedSegmentationDataset(dataset, image_processor, num_classes=num_classes, with_labels=True)
+    if accelerator is not None and accelerator.num_processes > 1:
+        # each process scores its own images, no padding duplicates: the summed matrices count every image once
+        shard = list(range(accelerator.process_index, len(items), accelerator.num_processes))
+        if not shard:
+            raise ValueError(f"{len(items)} evaluation images for {accelerator.num_processes} processes")
+        items = Subset(items, shard)
     loader = DataLoader(
         items,
         batch_size=batch_size,
@@ -55,12 +62,9 @@ def evaluate_segmenter(
         collate_fn=collate_segmentation_batch,
     )
     if accelerator is not None:
-        loader = accelerator.prepare_data_loader(loader)
         device = accelerator.device
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device)
-
-    num_clusters = model.config.num_labels if hasattr(model.config, "num_labels") else num_classes
     metrics: dict[str, UnsupervisedSegmentationMetric] = {}
 
     def metric(name: str, clusters: int, how: str) -> UnsupervisedSegmentationMetric:

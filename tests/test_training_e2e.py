@@ -126,3 +126,47 @@ def test_cached_backbone_features_train_the_same_model(tmp_path):
     expected, actual = _weights(tmp_path / "plain" / "model"), _weights(tmp_path / "cached" / "model")
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_with_accelerate_launch(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo): DDP training, the kNN table shared
+    through its cache file, evaluation split over the processes, one model folder."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(REPO / "training" / "train.py"),
+        "--config",
+        str(TINY),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--max_steps",
+        "4",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 4 and 0.0 <= summary["cluster_mean_iou"] <= 1.0
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-00000004"
