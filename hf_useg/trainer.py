@@ -134,6 +134,7 @@ class TrainingArguments:
     knn_cache_dir: str | None = None
     knn_k: int = 30
     cache_backbone_features: bool = False
+    calibrate_shifts: bool = False
     report_to: list[str] = field(default_factory=list)
     log_every: int = 10
     final_crf: bool = False

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from accelerate import Accelerator
 from transformers import ViTConfig
@@ -67,3 +68,45 @@ def test_knn_cache_key_tells_five_crops_of_different_datasets_apart():
     assert key_a != key_b
     assert key_a == _knn_cache_key(model, items_a, 32, 3, True, source_a._fingerprint)
     assert key_a != _knn_cache_key(model, items_a, 64, 3, True, source_a._fingerprint)
+
+
+def test_calibrate_shifts_are_the_median_correlations():
+    from hf_useg.models.stego.training_stego import calibrate_shifts
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(3, 5, 2, 3, generator=generator)
+    unit = features / features.norm(dim=1, keepdim=True)
+    intra, inter = [], []
+    for n in range(3):
+        a, b = unit[n].reshape(5, -1), unit[(n + 1) % 3].reshape(5, -1)
+        intra.append(a.T @ a)  # [6 pixels, 6 pixels]
+        inter.append(a.T @ b)
+    intra, inter = torch.stack(intra), torch.stack(inter)
+    plain = calibrate_shifts(features, pointwise=False)
+    assert plain["pos_intra_shift"] == pytest.approx(float(intra.flatten().quantile(0.5)), abs=1e-6)
+    assert plain["pos_inter_shift"] == pytest.approx(float(inter.flatten().quantile(0.5)), abs=1e-6)
+    # pointwise: each query pixel's row is centred, then the global mean is added back (as in the loss)
+    centred = inter - inter.mean(dim=2, keepdim=True) + inter.mean()
+    pointwise = calibrate_shifts(features, pointwise=True)
+    assert pointwise["pos_inter_shift"] == pytest.approx(float(centred.flatten().quantile(0.5)), abs=1e-6)
+    with pytest.raises(ValueError, match="N >= 2"):
+        calibrate_shifts(features[:1])
+
+
+@pytest.mark.slow
+def test_training_with_calibrated_shifts_stores_them_in_the_config(tmp_path):
+    import json
+    from pathlib import Path
+
+    from hf_useg.trainer import load_training_arguments, train
+
+    tiny = Path(__file__).resolve().parents[1] / "training" / "configs" / "stego_tiny.yaml"
+    summary = train(
+        load_training_arguments(
+            tiny, output_dir=str(tmp_path), max_steps=2, calibrate_shifts=True, cache_backbone_features=True
+        )
+    )
+    config = json.loads((Path(summary["model_dir"]) / "config.json").read_text())
+    default = StegoConfig()
+    assert config["pos_intra_shift"] != default.pos_intra_shift
+    assert -1.0 <= config["pos_intra_shift"] <= 1.0 and -1.0 <= config["pos_inter_shift"] <= 1.0

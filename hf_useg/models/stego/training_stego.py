@@ -20,7 +20,7 @@ from .modeling_stego import StegoForUnsupervisedSegmentation
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FeatureCache", "build_model", "compute_feature_cache", "compute_knn_table", "train"]
+__all__ = ["FeatureCache", "build_model", "calibrate_shifts", "compute_feature_cache", "compute_knn_table", "train"]
 
 
 def build_model(args, backbone_config, num_classes: int) -> StegoForUnsupervisedSegmentation:
@@ -107,6 +107,51 @@ def compute_knn_table(
     return table
 
 
+@torch.no_grad()
+def calibrate_shifts(
+    features: torch.Tensor, pointwise: bool = True, quantile: float = 0.5, max_items: int = 64, seed: int = 0
+) -> dict[str, float]:
+    """STEGO's positive shifts for a backbone other than DINO ViT-B/8: the ``quantile`` of the backbone's own
+    feature correlations, within an image (``pos_intra_shift``) and between an image and another one
+    (``pos_inter_shift``), centred the way the loss centres them when ``pointwise``.
+
+    The released shifts (e.g. 0.12 / 0.2 for COCO-Stuff) sit inside DINO's correlation distribution; on a
+    backbone whose correlations are much higher (random or briefly trained ViTs have medians near 0.4–0.9) they
+    make almost every pair "positive" and the code collapses. Setting the shift at the median keeps about half
+    of the pairs attracting. ``features``: ``[N, C, h, w]`` backbone maps of training images (at most
+    ``max_items`` are used); the partner of image ``i`` is image ``i + 1`` (cyclic).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> shifts = calibrate_shifts(torch.randn(8, 16, 7, 7))
+    >>> sorted(shifts)
+    ['pos_inter_shift', 'pos_intra_shift']
+    ```
+    """
+    from .loss_stego import norm, tensor_correlation
+
+    if features.ndim != 4 or features.shape[0] < 2:
+        raise ValueError(f"features must be [N >= 2, C, h, w] maps, got shape {tuple(features.shape)}")
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    if features.shape[0] > max_items:
+        keep = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(seed))[:max_items]
+        features = features[keep.sort().values]
+    normalized = norm(features.float())
+    shifts = {}
+    for name, partner in (("pos_intra_shift", normalized), ("pos_inter_shift", normalized.roll(-1, 0))):
+        correlation = tensor_correlation(normalized, partner)
+        if pointwise:
+            correlation = correlation - correlation.mean(dim=(-2, -1), keepdim=True) + correlation.mean()
+        values = correlation.flatten()
+        if values.numel() > 2_000_000:  # torch.quantile's input limit; a strided subsample is plenty
+            values = values[:: values.numel() // 2_000_000 + 1]
+        shifts[name] = float(torch.quantile(values, quantile))
+    return shifts
+
+
 @dataclass
 class FeatureCache:
     """Frozen-backbone feature maps ``[N, C, h, w]`` and labels ``[N, H, W]`` (or None) of every training item."""
@@ -164,6 +209,16 @@ def train(context) -> StegoForUnsupervisedSegmentation:
         features=None if cache is None else cache.features,
     )
     num_neighbors = max(1, min(config.num_neighbors, knn.shape[1] - 1))
+    if args.calibrate_shifts:
+        if cache is not None:
+            sample = cache.features
+        else:
+            count = min(64, len(items))
+            batch = collate_segmentation_batch([items[i] for i in range(0, len(items), max(1, len(items) // count))])
+            sample = model.extract_features(batch["pixel_values"].to(accelerator.device)).cpu()
+        shifts = calibrate_shifts(sample, pointwise=config.pointwise, seed=args.seed)
+        config.pos_intra_shift, config.pos_inter_shift = shifts["pos_intra_shift"], shifts["pos_inter_shift"]
+        accelerator.print(f"calibrated STEGO shifts to the backbone: {shifts}")
     steps = schedule["max_steps"]
     sampler = context.sampler(len(items), schedule["batch_size"])
     optimizer = torch.optim.Adam(
