@@ -109,7 +109,12 @@ def compute_knn_table(
 
 @torch.no_grad()
 def calibrate_shifts(
-    features: torch.Tensor, pointwise: bool = True, quantile: float = 0.5, max_items: int = 64, seed: int = 0
+    features: torch.Tensor,
+    pointwise: bool = True,
+    quantile: float = 0.5,
+    max_items: int = 64,
+    seed: int = 0,
+    partner_features: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """STEGO's positive shifts for a backbone other than DINO ViT-B/8: the ``quantile`` of the backbone's own
     feature correlations, within an image (``pos_intra_shift``) and between an image and another one
@@ -119,7 +124,8 @@ def calibrate_shifts(
     backbone whose correlations are much higher (random or briefly trained ViTs have medians near 0.4–0.9) they
     make almost every pair "positive" and the code collapses. Setting the shift at the median keeps about half
     of the pairs attracting. ``features``: ``[N, C, h, w]`` backbone maps of training images (at most
-    ``max_items`` are used); the partner of image ``i`` is image ``i + 1`` (cyclic).
+    ``max_items`` are used); ``partner_features``: the maps of each image's kNN partner (what the inter-image
+    term pairs it with), else image ``i + 1`` (cyclic) stands in.
 
     Example:
 
@@ -136,12 +142,18 @@ def calibrate_shifts(
         raise ValueError(f"features must be [N >= 2, C, h, w] maps, got shape {tuple(features.shape)}")
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    if partner_features is not None and partner_features.shape != features.shape:
+        raise ValueError(f"partner_features {tuple(partner_features.shape)} must match {tuple(features.shape)}")
     if features.shape[0] > max_items:
-        keep = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(seed))[:max_items]
-        features = features[keep.sort().values]
+        keep = (
+            torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(seed))[:max_items].sort().values
+        )
+        features = features[keep]
+        partner_features = None if partner_features is None else partner_features[keep]
     normalized = norm(features.float())
+    partners = normalized.roll(-1, 0) if partner_features is None else norm(partner_features.float())
     shifts = {}
-    for name, partner in (("pos_intra_shift", normalized), ("pos_inter_shift", normalized.roll(-1, 0))):
+    for name, partner in (("pos_intra_shift", normalized), ("pos_inter_shift", partners)):
         correlation = tensor_correlation(normalized, partner)
         if pointwise:
             correlation = correlation - correlation.mean(dim=(-2, -1), keepdim=True) + correlation.mean()
@@ -210,13 +222,21 @@ def train(context) -> StegoForUnsupervisedSegmentation:
     )
     num_neighbors = max(1, min(config.num_neighbors, knn.shape[1] - 1))
     if args.calibrate_shifts:
+        step = max(1, len(items) // 64)
+        sample = list(range(0, len(items), step))[:64]
+        partners = knn[torch.as_tensor(sample), 1].tolist()
         if cache is not None:
-            sample = cache.features
+            features, partner_features = cache.features[sample], cache.features[partners]
         else:
-            count = min(64, len(items))
-            batch = collate_segmentation_batch([items[i] for i in range(0, len(items), max(1, len(items) // count))])
-            sample = model.extract_features(batch["pixel_values"].to(accelerator.device)).cpu()
-        shifts = calibrate_shifts(sample, pointwise=config.pointwise, seed=args.seed)
+            features, partner_features = (
+                model.extract_features(
+                    collate_segmentation_batch([items[i] for i in chosen])["pixel_values"].to(accelerator.device)
+                ).cpu()
+                for chosen in (sample, partners)
+            )
+        shifts = calibrate_shifts(
+            features, pointwise=config.pointwise, seed=args.seed, partner_features=partner_features
+        )
         config.pos_intra_shift, config.pos_inter_shift = shifts["pos_intra_shift"], shifts["pos_inter_shift"]
         accelerator.print(f"calibrated STEGO shifts to the backbone: {shifts}")
     steps = schedule["max_steps"]
