@@ -212,6 +212,12 @@ def load_backbone_config(name_or_path: str, **overrides) -> PreTrainedConfig:
     return _apply_dino_eps(config, name_or_path, explicit="layer_norm_eps" in overrides)
 
 
+def check_pos_embed_interpolation(value: str) -> None:
+    """Raise a clear error unless ``value`` is a position-embedding interpolation mode every config accepts."""
+    if value not in _INTERPOLATION_MODES:
+        raise ValueError(f"pos_embed_interpolation must be one of {_INTERPOLATION_MODES}, got {value!r}")
+
+
 def _last_stage_config(config: PreTrainedConfig) -> PreTrainedConfig:
     """A copy of an `AutoBackbone` config that outputs one stage: the one its ``out_features`` names when it names
     exactly one (e.g. ``ResNetConfig(out_features=["stage3"])`` for a stride-16 map), else the last stage."""
@@ -269,10 +275,7 @@ class FeatureBackbone(nn.Module):
         super().__init__()
         if not isinstance(config, PreTrainedConfig):
             raise TypeError(f"config must be a transformers PreTrainedConfig, got {type(config).__name__}")
-        if pos_embed_interpolation not in _INTERPOLATION_MODES:
-            raise ValueError(
-                f"pos_embed_interpolation must be one of {_INTERPOLATION_MODES}, got {pos_embed_interpolation!r}"
-            )
+        check_pos_embed_interpolation(pos_embed_interpolation)
         model_type = getattr(config, "model_type", "")
         self.is_token_model = model_type in _TOKEN_MODEL_TYPES
         if pos_embed_interpolation == "auto":

@@ -4,7 +4,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ...backbones import dino_vit_kwargs
+from ...backbones import check_pos_embed_interpolation, dino_vit_kwargs
 
 # DINO v1 ViT-S/8 (facebook/dino-vits8); LayerNorm eps 1e-6 reproduces DINO's features (METHODS 0.1).
 DINO_VIT_SMALL_8 = dino_vit_kwargs("vit_small", 8)
@@ -70,11 +70,7 @@ class DinoSegmentationConfig(PreTrainedConfig):
             raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
         if not 0.0 < self.attention_threshold <= 1.0:
             raise ValueError(f"attention_threshold must be in (0, 1], got {self.attention_threshold}")
-        if self.pos_embed_interpolation not in ("auto", "dino", "transformers"):
-            raise ValueError(
-                "pos_embed_interpolation must be 'auto', 'dino' or 'transformers', "
-                f"got {self.pos_embed_interpolation!r}"
-            )
+        check_pos_embed_interpolation(self.pos_embed_interpolation)
         if len(self.id2label) != self.num_clusters:
             self.id2label = {i: f"cluster_{i}" for i in range(self.num_clusters)}
             self.label2id = {name: i for i, name in self.id2label.items()}

@@ -10,7 +10,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ...backbones import dino_vit_kwargs
+from ...backbones import check_pos_embed_interpolation, dino_vit_kwargs
 
 __all__ = ["IicConfig"]
 
@@ -26,7 +26,6 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 TRUNKS = ("vgg", "backbone")
 INPUT_MODES = ("rgb", "sobel", "rgb_sobel")
-_POS_EMBED_INTERPOLATIONS = ("auto", "dino", "transformers")
 
 # The released training commands (xu-ji/IIC examples/commands.txt, models 555 and 545). Potsdam-3 there is RGB+IR
 # without Sobel; the Potsdam-3 data written by `hf_useg.data.convert_potsdam3` is RGB, hence `input_mode="rgb"`.
@@ -284,11 +283,7 @@ class IicConfig(PreTrainedConfig):
     def _check_values(self) -> None:
         if self.input_mode not in INPUT_MODES:
             raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}")
-        if self.pos_embed_interpolation not in _POS_EMBED_INTERPOLATIONS:
-            raise ValueError(
-                f"pos_embed_interpolation must be one of {_POS_EMBED_INTERPOLATIONS}, "
-                f"got {self.pos_embed_interpolation!r}"
-            )
+        check_pos_embed_interpolation(self.pos_embed_interpolation)
         for name in _POSITIVE_INT_FIELDS:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

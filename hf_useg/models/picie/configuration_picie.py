@@ -11,6 +11,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ...backbones import check_pos_embed_interpolation
+
 __all__ = ["PicieConfig", "RESNET_18"]
 
 # ResNet-18 as a transformers `ResNetConfig` (same layers as torchvision's resnet18, which PiCIE uses), with the
@@ -26,7 +28,6 @@ RESNET_18 = {
 }
 
 _CLUSTER_WEIGHTINGS = ("frequency", "balanced")
-_POS_EMBED_INTERPOLATIONS = ("auto", "dino", "transformers")
 # backbones that yield one token grid (a single feature map): the "FPN" is then a single 1x1 projection
 TOKEN_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "dinov3_vit")
 
@@ -218,11 +219,7 @@ class PicieConfig(PreTrainedConfig):
         self._check_values()
 
     def _check_values(self) -> None:
-        if self.pos_embed_interpolation not in _POS_EMBED_INTERPOLATIONS:
-            raise ValueError(
-                f"pos_embed_interpolation must be one of {_POS_EMBED_INTERPOLATIONS}, "
-                f"got {self.pos_embed_interpolation!r}"
-            )
+        check_pos_embed_interpolation(self.pos_embed_interpolation)
         if self.cluster_weighting not in _CLUSTER_WEIGHTINGS:
             raise ValueError(f"cluster_weighting must be one of {_CLUSTER_WEIGHTINGS}, got {self.cluster_weighting!r}")
         positive = (

@@ -9,7 +9,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ...backbones import dino_vit_kwargs
+from ...backbones import check_pos_embed_interpolation, dino_vit_kwargs
 
 __all__ = ["StegoConfig"]
 
@@ -19,7 +19,6 @@ DINO_VIT_BASE_8 = dino_vit_kwargs("vit_base", 8)
 DINO_VIT_SMALL_8 = dino_vit_kwargs("vit_small", 8)
 
 _PROJECTION_TYPES = ("nonlinear", "linear")
-_POS_EMBED_INTERPOLATIONS = ("auto", "dino", "transformers")
 
 # The released checkpoints' training configs (METHODS 1.2 table). Weights and shifts are kept at the full
 # precision of STEGO's (hyper-parameter-searched) configs.
@@ -289,11 +288,7 @@ class StegoConfig(PreTrainedConfig):
     def _check_values(self) -> None:
         if self.projection_type not in _PROJECTION_TYPES:
             raise ValueError(f"projection_type must be one of {_PROJECTION_TYPES}, got {self.projection_type!r}")
-        if self.pos_embed_interpolation not in _POS_EMBED_INTERPOLATIONS:
-            raise ValueError(
-                f"pos_embed_interpolation must be one of {_POS_EMBED_INTERPOLATIONS}, "
-                f"got {self.pos_embed_interpolation!r}"
-            )
+        check_pos_embed_interpolation(self.pos_embed_interpolation)
         if self.dim <= 0:
             raise ValueError(f"dim must be > 0, got {self.dim}")
         if self.num_classes < 1:
