@@ -37,19 +37,18 @@ from .models.stego import StegoConfig, StegoForUnsupervisedSegmentation
 
 __version__ = "0.1.0"
 
-# (config class, model class) of every segmentation model; registered with the Auto classes below.
-_SEGMENTATION_MODELS = [
-    (DinoSegmentationConfig, DinoForUnsupervisedSegmentation),
-    (IicConfig, IicForUnsupervisedSegmentation),
-    (PicieConfig, PicieForUnsupervisedSegmentation),
-    (StegoConfig, StegoForUnsupervisedSegmentation),
-]
-
 
 def _register_auto_classes() -> None:
-    for config_class, model_class in _SEGMENTATION_MODELS:
+    """Register every method of `hf_useg.registry` with the Auto classes (segmentation models also with
+    `AutoModelForSemanticSegmentation` and `AutoImageProcessor`, what the ``image-segmentation`` pipeline loads)."""
+    from .registry import methods
+
+    for spec in methods().values():
+        config_class, model_class = spec.load_config_class(), spec.load_model_class()
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModel.register(config_class, model_class, exist_ok=True)
+        if spec.pipeline_task != "image-segmentation":
+            continue
         AutoModelForSemanticSegmentation.register(config_class, model_class, exist_ok=True)
         AutoImageProcessor.register(
             config_class, slow_image_processor_class=UnsupervisedSegmentationImageProcessor, exist_ok=True
@@ -60,9 +59,6 @@ def _register_auto_classes() -> None:
 
 
 _register_auto_classes()
-# DINO pretraining is not a segmentation model: AutoConfig / AutoModel only
-AutoConfig.register(DinoPretrainingConfig.model_type, DinoPretrainingConfig, exist_ok=True)
-AutoModel.register(DinoPretrainingConfig, DinoForSelfSupervisedPretraining, exist_ok=True)
 
 __all__ = [
     "ClusterProbe",

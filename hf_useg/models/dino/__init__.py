@@ -1,3 +1,4 @@
+from ...registry import MethodSpec
 from .configuration_dino import DinoSegmentationConfig
 from .configuration_dino_pretraining import DinoPretrainingConfig
 from .modeling_dino import (
@@ -27,3 +28,28 @@ __all__ = [
     "DinoSegmentationConfig",
     "attention_mass_mask",
 ]
+
+# the method(s) of this folder, read by hf_useg.registry
+METHODS = (
+    MethodSpec(
+        name="dino_kmeans",
+        model_type="dino_segmentation",
+        display_name="DINO-feature k-means",
+        paper="Caron et al., ICCV 2021, arXiv:2104.14294",
+        description="Zero-training baseline: cosine k-means over the patch features of a frozen DINO backbone.",
+        config_class=f"{__name__}.configuration_dino:DinoSegmentationConfig",
+        model_class=f"{__name__}.modeling_dino:DinoForUnsupervisedSegmentation",
+        recipe_class=f"{__name__}.training_dino:DinoKMeansRecipe",
+    ),
+    MethodSpec(
+        name="dino_pretrain",
+        model_type="dino_pretraining",
+        display_name="DINO self-distillation pretraining",
+        paper="Caron et al., ICCV 2021, arXiv:2104.14294",
+        description="Self-distillation pretraining of a ViT backbone on unlabelled images (multi-crop, EMA teacher).",
+        config_class=f"{__name__}.configuration_dino_pretraining:DinoPretrainingConfig",
+        model_class=f"{__name__}.modeling_dino_pretraining:DinoForSelfSupervisedPretraining",
+        recipe_class=f"{__name__}.training_dino_pretraining:DinoPretrainingRecipe",
+        pipeline_task=None,
+    ),
+)

@@ -1,3 +1,4 @@
+from ...registry import MethodSpec
 from .configuration_iic import IicConfig
 from .loss_iic import IIC_EPS, iic_segmentation_loss
 from .modeling_iic import (
@@ -28,3 +29,17 @@ __all__ = [
     "make_iic_views",
     "sobel_channels",
 ]
+
+# the method(s) of this folder, read by hf_useg.registry
+METHODS = (
+    MethodSpec(
+        name="iic",
+        model_type="iic",
+        display_name="IIC",
+        paper="Ji et al., ICCV 2019, arXiv:1807.06653",
+        description="Invariant information clustering.",
+        config_class=f"{__name__}.configuration_iic:IicConfig",
+        model_class=f"{__name__}.modeling_iic:IicForUnsupervisedSegmentation",
+        recipe_class=f"{__name__}.training_iic:IicRecipe",
+    ),
+)
