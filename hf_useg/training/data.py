@@ -1,0 +1,125 @@
+"""The data and the backbone of a training run: dataset splits with their class names, and the backbone named by
+``--backbone`` (a Hub id or folder, a randomly initialised one from `RANDOM_BACKBONES`, or none)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["RANDOM_BACKBONES", "SCRATCH_BACKBONES", "load_backbone", "load_splits"]
+
+# `backbone:` values meaning "no HF backbone": the method trains its own trunk from scratch (IIC's VGG net)
+SCRATCH_BACKBONES = ("none", "scratch")
+
+_VIT_EPS = {"layer_norm_eps": 1e-6}
+RANDOM_BACKBONES: dict[str, dict[str, Any]] = {
+    # name -> config kwargs (ViTConfig unless "model_type" says otherwise); randomly initialised, for offline
+    # demos, tests and baselines (named as such in outputs)
+    "random-resnet-18": dict(
+        model_type="resnet",
+        layer_type="basic",
+        depths=[2, 2, 2, 2],
+        hidden_sizes=[64, 128, 256, 512],
+        embedding_size=64,
+        out_features=["stage3"],
+    ),
+    "random-vit-tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        patch_size=8,
+        image_size=64,
+        **_VIT_EPS,
+    ),
+    "random-vit-micro": dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=8,
+        image_size=32,
+        **_VIT_EPS,
+    ),
+    # the shape of training/configs/dino_pretrain_camvid.yaml's backbone (random-init baseline of that experiment)
+    "random-vit-dino-tiny-16": dict(
+        hidden_size=192,
+        num_hidden_layers=6,
+        num_attention_heads=3,
+        intermediate_size=768,
+        patch_size=16,
+        image_size=96,
+        **_VIT_EPS,
+    ),
+    "random-vit-small-8": dict(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        patch_size=8,
+        image_size=224,
+        **_VIT_EPS,
+    ),
+    # DINO ViT-S/16, e.g. the student of training/configs/dino_pretrain_vits16.yaml (pretraining from scratch)
+    "random-vit-small-16": dict(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        patch_size=16,
+        image_size=224,
+        **_VIT_EPS,
+    ),
+}
+
+
+def load_backbone(name: str):
+    """``(backbone config or None, state dict or None, human-readable description)`` of ``--backbone name``."""
+    from transformers import AutoConfig, ViTConfig
+
+    from ..backbones import FeatureBackbone
+
+    if name in SCRATCH_BACKBONES:
+        return None, None, "none (trunk trained from scratch)"
+    if name in RANDOM_BACKBONES:
+        kwargs = dict(RANDOM_BACKBONES[name])
+        model_type = kwargs.pop("model_type", "vit")
+        config = ViTConfig(**kwargs) if model_type == "vit" else AutoConfig.for_model(model_type, **kwargs)
+        kind = {"vit": "ViT", "resnet": "ResNet"}.get(model_type, model_type)
+        return config, None, f"{name} (randomly initialised {kind})"
+    try:
+        pretrained = FeatureBackbone.from_pretrained(name)
+    except Exception as error:  # offline Hub ids, missing folders: say what failed
+        raise ValueError(f"could not load the backbone {name!r}: {error}") from error
+    return pretrained.model.config, pretrained.model.state_dict(), name
+
+
+def load_splits(args, label_free: bool = False):
+    """``(train, val or None, num_classes, class_names)`` of ``args.dataset`` (generated scenes for ``synthetic``).
+    ``label_free`` methods accept a dataset that names no classes (0 classes)."""
+    from ..data import load_segmentation_dataset, make_synthetic_scenes, segmentation_metadata
+
+    if args.dataset == "synthetic":
+        num_classes = args.synthetic_num_classes
+        train = make_synthetic_scenes(
+            args.synthetic_num_images, args.synthetic_image_size, num_classes, seed=args.seed
+        )
+        val = make_synthetic_scenes(
+            max(8, args.synthetic_num_images // 4), args.synthetic_image_size, num_classes, seed=args.seed + 1
+        )
+        class_names = args.class_names or [f"synthetic-class-{i}" for i in range(num_classes)]
+        return train, val, num_classes, class_names
+    kwargs = dict(num_classes=args.num_classes, image_column=args.image_column, label_column=args.label_column)
+    train = load_segmentation_dataset(args.dataset, args.train_split, **kwargs)
+    val = load_segmentation_dataset(args.dataset, args.val_split, **kwargs) if args.val_split else None
+    metadata = segmentation_metadata(train)
+    num_classes = args.num_classes or metadata.get("num_classes")
+    class_names = args.class_names or (list(metadata["class_names"]) if metadata.get("class_names") else None)
+    if num_classes is None:
+        if class_names is None:
+            if label_free:  # e.g. DINO pretraining on a plain folder of images
+                return train, val, 0, []
+            raise ValueError("num_classes is required for this dataset (it does not name its classes)")
+        num_classes = len(class_names)
+    if class_names is None or len(class_names) < num_classes:
+        class_names = [f"class_{i}" for i in range(num_classes)]
+    return train, val, num_classes, list(class_names)[:num_classes]

@@ -1,0 +1,322 @@
+"""The one training loop of every method (`training/train.py` is its command line).
+
+It reads like transformers' ``run_semantic_segmentation_no_trainer.py``: load the data, build the model, prepare
+with Accelerate, then one plain loop — for each step: batch → ``recipe.training_step`` → backward → clip →
+optimizer step → log → validate / checkpoint. Everything methods share is written here once: per-step seeding
+(a resumed run draws exactly what the uninterrupted one drew, so resuming is bit-exact), gradient accumulation,
+mixed precision and devices (Accelerate), trackers and ``metrics.jsonl``, the NaN/inf stop, validation every
+``val_every`` steps with the best model kept in ``best/``, atomic resumable checkpoints, and the final model
+folder (weights, processor, ``id2label`` from the Hungarian matching, evaluation results, a generated card).
+What is particular to a method lives in its `Recipe`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..image_processing import protocol_image_processor, whole_image_processor
+from ..inference import evaluate_segmenter, format_per_class_table, summarize, write_evaluation_report
+from .arguments import TrainingArguments, resolve_recipe_options
+from .checkpointing import STATE_FILE, latest_checkpoint, save_checkpoint, save_model_folder
+from .data import load_backbone, load_splits
+from .recipe import Recipe, StepBatchSampler, TrainingRun, step_seed
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_model", "train"]
+
+
+def build_model(args: TrainingArguments, recipe: Recipe, num_classes: int):
+    """The recipe's model on ``args.backbone`` (pretrained backbone weights loaded when it has them)."""
+    backbone_config, backbone_weights, description = load_backbone(args.backbone)
+    torch.manual_seed(args.seed)
+    model = recipe.build_model(backbone_config, num_classes)
+    if backbone_config is None and getattr(model.config, "backbone_config", None) is not None:
+        raise ValueError(
+            f"backbone {args.backbone!r} means no HF backbone, but method {args.method!r} needs one; it is only for "
+            "methods with a trunk trained from scratch (iic)"
+        )
+    model.config.backbone_name = description
+    if backbone_weights is not None:
+        model.backbone.model.load_state_dict(backbone_weights)
+    return model, description
+
+
+def _processor(resolution: int | None, patch_size: int):
+    if resolution is None:
+        return None
+    if resolution % patch_size:
+        raise ValueError(f"resolution {resolution} is not a multiple of the backbone patch size {patch_size}")
+    return protocol_image_processor(resolution)
+
+
+class _Logger:
+    """Accelerate trackers plus ``metrics.jsonl`` (main process)."""
+
+    def __init__(self, accelerator, output_dir: Path):
+        self.accelerator, self.path = accelerator, output_dir / "metrics.jsonl"
+
+    def __call__(self, values: dict[str, float], step: int) -> None:
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def _resume(accelerator, args: TrainingArguments) -> dict[str, Any] | None:
+    request = args.resume_from_checkpoint
+    if not request:
+        return None
+    path = latest_checkpoint(args.output_dir) if request == "latest" else Path(request)
+    if path is None:
+        logger.warning("resume_from_checkpoint=latest but %s has no checkpoint: starting fresh", args.output_dir)
+        return None
+    if not (path / STATE_FILE).exists():
+        raise ValueError(f"{path} is not a complete hf_useg checkpoint (no {STATE_FILE})")
+    accelerator.load_state(str(path))
+    state = json.loads((path / STATE_FILE).read_text())
+    accelerator.print(f"resumed from {path} at step {state['step']}")
+    return state
+
+
+def _micro_batches(
+    recipe: Recipe, model, sampler: StepBatchSampler, first_micro: int, log
+) -> Iterator[tuple[int, list]]:
+    """``(micro-step, batch)`` from micro-step ``first_micro`` on, across epochs; ``on_epoch_start`` runs before
+    the first batch of each epoch (and of the resumed one)."""
+    micro = first_micro
+    while True:
+        epoch, first = divmod(micro, sampler.batches_per_epoch)
+        values = recipe.on_epoch_start(model, epoch, micro)
+        if values:
+            log(values, micro)
+        sampler.start(epoch, first, micro)
+        for batch in recipe.train_dataloader(sampler):
+            yield micro, batch
+            micro += 1
+
+
+def _validate(model, run: TrainingRun, args: TrainingArguments, state: dict[str, Any], step: int, log) -> None:
+    results = evaluate_segmenter(
+        model,
+        run.val_set,
+        run.eval_processor,
+        run.num_classes,
+        batch_size=args.eval_batch_size,
+        flip_tta=False,
+        crf=False,
+        max_images=args.max_val_images,
+        accelerator=run.accelerator,
+        progress=False,
+    )
+    model.train()
+    values = {f"val/{key}": value for key, value in summarize(results).items()}
+    log(values, step)
+    if values["val/cluster_mean_iou"] > state["best_cluster_mean_iou"]:
+        state["best_cluster_mean_iou"], state["best_step"] = values["val/cluster_mean_iou"], step
+        if run.accelerator.is_main_process:
+            extra = {"best_metrics.json": json.dumps({"step": step, **values}, indent=2)}
+            save_model_folder(model, run.eval_processor, run.output_dir / "best", extra)
+        run.accelerator.wait_for_everyone()
+
+
+def train(args: TrainingArguments) -> dict[str, Any]:
+    """Train (or fit) ``args.method`` and return a summary dict (also written to ``output_dir``)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, send_to_device
+
+    from ..registry import get_method
+
+    spec = get_method(args.method)
+    recipe_class = spec.load_recipe_class()
+    recipe: Recipe = recipe_class(args, resolve_recipe_options(args))
+    options = recipe.options
+    output_dir = Path(args.output_dir)
+
+    # data, accelerator, model
+    train_set, val_set, num_classes, class_names = load_splits(args, recipe.label_free)
+    if args.max_train_images is not None:
+        train_set = train_set.select(range(min(args.max_train_images, len(train_set))))
+    has_train_labels = "label" in train_set.column_names
+    accelerator = Accelerator(
+        log_with=args.report_to or None,
+        project_dir=str(output_dir),
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(
+                find_unused_parameters=recipe.find_unused_parameters or not has_train_labels
+            )
+        ],
+    )
+    model, backbone_description = build_model(args, recipe, num_classes)
+    patch = model.backbone.patch_size
+    run = TrainingRun(
+        args=args,
+        accelerator=accelerator,
+        train_set=train_set,
+        val_set=val_set,
+        num_classes=num_classes,
+        class_names=class_names,
+        train_processor=_processor(options.resolution, patch),
+        eval_processor=_processor(options.eval_resolution, patch),
+    )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "training_args.json").write_text(
+            json.dumps({**dataclasses.asdict(args), "recipe_options": dataclasses.asdict(options)}, indent=2)
+        )
+    if args.report_to:
+        accelerator.init_trackers("hf_useg", config={k: str(v) for k, v in dataclasses.asdict(args).items()})
+    log = _Logger(accelerator, output_dir)
+    model.to(accelerator.device)
+    start_time = time.time()
+    recipe.setup(model, run)
+
+    # prepare, resume
+    optimizer = recipe.make_optimizer(model)
+    for item in recipe.checkpoint_objects():
+        accelerator.register_for_checkpointing(item)
+    if optimizer is not None:
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        prepared = accelerator.prepare(model)
+    model = accelerator.unwrap_model(prepared)
+    state: dict[str, Any] = {"step": 0, "best_cluster_mean_iou": -1.0, "best_step": None}
+    state.update(_resume(accelerator, args) or {})
+
+    # the loop
+    accumulation = args.gradient_accumulation_steps
+    has_val = not recipe.label_free and val_set is not None and "label" in val_set.column_names
+    max_steps = options.max_steps
+    if optimizer is not None and max_steps != 0:
+        sampler = StepBatchSampler(
+            recipe.num_train_items, options.batch_size, args.seed, accelerator.process_index, accelerator.num_processes
+        )
+        steps_per_epoch = max(1, sampler.batches_per_epoch // accumulation)
+        if max_steps is None:
+            max_steps = recipe.default_max_steps(steps_per_epoch)
+        val_every = options.val_every or steps_per_epoch
+        progress = _progress(max_steps, state["step"], recipe.progress_name, run.show_progress)
+        batches = _micro_batches(recipe, model, sampler, state["step"] * accumulation, log)
+        while state["step"] < max_steps:
+            step = state["step"]
+            logged: dict[str, list[float]] = {}
+            prepared.train()
+            for micro_index in range(accumulation):
+                micro, batch = next(batches)
+                torch.manual_seed(step_seed(args.seed, micro, accelerator.process_index))
+                sync = micro_index == accumulation - 1
+                context = contextlib.nullcontext() if sync else accelerator.no_sync(prepared)
+                with context:
+                    output = recipe.training_step(prepared, send_to_device(batch, accelerator.device))
+                    loss = output.loss if accumulation == 1 else output.loss / accumulation
+                    if micro_index == 0:
+                        optimizer.zero_grad(set_to_none=True)  # (after the forward, as the released codes do)
+                    accelerator.backward(loss)
+                for name, value in {"loss": output.loss, **output.logs}.items():
+                    logged.setdefault(name, []).append(value)
+            if args.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(prepared.parameters(), args.max_grad_norm)
+            recipe.before_optimizer_step(model, optimizer, step)
+            optimizer.step()
+            recipe.after_optimizer_step(model, step)
+            state["step"] = step = step + 1
+            progress.update(1)
+
+            if step % args.log_every == 0 or step == max_steps:
+                values = _reduce(logged, accelerator)
+                if not math.isfinite(values["train/loss"]):
+                    raise FloatingPointError(
+                        f"the training loss became {values['train/loss']} at step {step}; the last checkpoint is intact"
+                    )
+                log(values, step)
+                recipe.on_log(values, step)
+                progress.set_postfix(loss=f"{values['train/loss']:.4f}")
+            if has_val and step % val_every == 0:
+                _validate(model, run, args, state, step, log)
+            if step % args.save_every == 0 or step == max_steps:
+                save_checkpoint(accelerator, output_dir, dict(state), args.keep_checkpoints)
+        progress.close()
+
+    # finalize, evaluate, save
+    model.eval()
+    summary: dict[str, Any] = {
+        "method": args.method,
+        "backbone": backbone_description,
+        "dataset": "generated synthetic scenes (not real data)" if args.dataset == "synthetic" else args.dataset,
+    }
+    if not recipe.label_free:
+        summary["num_classes"] = num_classes
+    finalized = recipe.finalize(model)
+    model.eval()
+    summary.update(steps=state["step"], train_seconds=round(time.time() - start_time, 1), **finalized)
+    if recipe.label_free:  # nothing to evaluate as a segmenter: `finalize` saved the result
+        accelerator.end_training()
+        return summary
+
+    results = None
+    if has_val:
+        results = evaluate_segmenter(
+            model,
+            val_set,
+            run.eval_processor,
+            num_classes,
+            batch_size=args.eval_batch_size,
+            flip_tta=args.final_flip_tta,
+            crf=args.final_crf,
+            max_images=args.max_val_images,
+            accelerator=accelerator,
+            progress=run.show_progress,
+        )
+        model.set_cluster_names(results["cluster"]["assignment"], class_names)
+        summary.update(summarize(results))
+        summary["eval_protocol"] = {
+            "resolution": options.eval_resolution,
+            "crop": "center",
+            "flip_tta": args.final_flip_tta,
+            "crf": args.final_crf,
+            "matching": "hungarian",
+            "precision": str(accelerator.mixed_precision),
+            "split": args.val_split if args.dataset != "synthetic" else "generated val",
+        }
+        summary["per_class_table"] = format_per_class_table(results, class_names)
+        summary.update(recipe.extra_evaluation(model))
+    if accelerator.is_main_process:
+        from ..hub import generate_model_card
+
+        card = generate_model_card(model, summary=summary, results=results, class_names=class_names)
+        extra = {"training_summary.json": json.dumps(summary, indent=2), "README.md": str(card)}
+        saved_processor = whole_image_processor(options.eval_resolution, patch)
+        save_model_folder(model, saved_processor, output_dir / "model", extra)
+        if results is not None:
+            write_evaluation_report(results, output_dir / "model", class_names)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    summary["model_dir"] = str(output_dir / "model")
+    return summary
+
+
+def _progress(total: int, initial: int, name: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=name, disable=not enabled)
+
+
+def _reduce(logged: dict[str, list], accelerator) -> dict[str, float]:
+    """Mean over the micro-batches of a step and over processes, as ``train/<name>`` floats."""
+    names = list(logged)
+    means = torch.stack(
+        [torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu() for v in logged[n]]).mean() for n in names]
+    )
+    if accelerator.num_processes > 1:
+        means = accelerator.reduce(means.to(accelerator.device), reduction="mean").cpu()
+    return {f"train/{name}": float(value) for name, value in zip(names, means)}
