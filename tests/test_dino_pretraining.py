@@ -1,5 +1,5 @@
-"""DINO self-distillation pretraining (METHODS 4.1): loss, centering, EMA, schedules, head, multi-crop, and a tiny
-CPU run through the trainer whose exported backbone loads into STEGO."""
+"""DINO self-distillation pretraining (METHODS 4.1): loss, centering, EMA, schedules, head, multi-crop, the recipe
+options, and a tiny CPU run through the training loop whose exported backbone loads into STEGO."""
 
 import json
 import logging
@@ -31,10 +31,14 @@ from hf_useg.models.dino.multicrop import (
     color_jitter,
     random_resized_crop_box,
 )
-from hf_useg.trainer import TrainingContext, load_training_arguments, train
+from hf_useg.models.dino.training_dino_pretraining import DinoPretrainingRecipe, DinoPretrainingTrainingOptions
+from hf_useg.training import latest_checkpoint, load_training_arguments, train
+from hf_useg.training import loop as training_loop
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "dino_pretrain_tiny.yaml"
+# config.json of a model saved by the release before the recipes (training settings still in the config)
+OLD_CONFIG = REPO / "tests" / "fixtures" / "dino_pretraining_config.json"
 
 MICRO_VIT = ViTConfig(
     hidden_size=32,
@@ -53,12 +57,14 @@ def tiny_config(**overrides) -> DinoPretrainingConfig:
         out_dim=16,
         head_hidden_dim=24,
         head_bottleneck_dim=8,
-        global_crops_size=32,
-        local_crops_size=16,
         local_crops_number=2,
     )
     values.update(overrides)
     return DinoPretrainingConfig(**values)
+
+
+def tiny_options(**overrides) -> DinoPretrainingTrainingOptions:
+    return DinoPretrainingTrainingOptions(**{"global_crops_size": 32, "local_crops_size": 16, **overrides})
 
 
 def tiny_model(**overrides) -> DinoForSelfSupervisedPretraining:
@@ -243,7 +249,7 @@ def test_cosine_schedule_and_warmup_formulas():
 
 
 def test_dino_schedule_in_epochs():
-    config = tiny_config(
+    options = tiny_options(
         learning_rate=5e-4,
         min_lr=1e-6,
         warmup_epochs=2.0,
@@ -251,19 +257,22 @@ def test_dino_schedule_in_epochs():
         weight_decay_end=0.4,
         momentum_teacher=0.996,
         warmup_teacher_temp=0.04,
-        teacher_temp=0.07,
         warmup_teacher_temp_epochs=3.0,
         freeze_last_layer_epochs=1.0,
     )
+
+    def schedule(step):  # the teacher temperature warms up to the model config's teacher_temp
+        return dino_schedule(options, step, 100, 10, 512, teacher_temp=0.07)
+
     # 10 steps per epoch, 100 steps, global batch 512: peak lr 1e-3 reached at step 20
-    at = [dino_schedule(config, step, 100, 10, 512) for step in (0, 9, 10, 15, 20, 60)]
+    at = [schedule(step) for step in (0, 9, 10, 15, 20, 60)]
     assert [s.learning_rate for s in at[:5]] == pytest.approx([0.0, 4.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert at[5].learning_rate == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
     assert [s.freeze_last_layer for s in at] == [True, True, False, False, False, False]
     assert [s.teacher_temp for s in at] == pytest.approx([0.04, 0.049, 0.05, 0.055, 0.06, 0.07])
     assert at[0].momentum == pytest.approx(0.996) and at[0].weight_decay == pytest.approx(0.04)
-    assert dino_schedule(config, 50, 100, 10, 512).momentum == pytest.approx(0.998)
-    assert dino_schedule(config, 50, 100, 10, 512).weight_decay == pytest.approx(0.22)
+    assert schedule(50).momentum == pytest.approx(0.998)
+    assert schedule(50).weight_decay == pytest.approx(0.22)
 
 
 # -- head ---------------------------------------------------------------------------------------------------------
@@ -350,20 +359,20 @@ def test_collapse_is_reported(caplog):
 def test_config_validation_and_round_trip(tmp_path):
     with pytest.raises(ValueError, match="model_type 'vit'"):
         DinoPretrainingConfig(backbone_config={"model_type": "dinov2"})
-    with pytest.raises(ValueError, match="multiple of the backbone patch size"):
-        tiny_config(local_crops_size=12)
-    with pytest.raises(ValueError, match="global_crops_scale"):
-        tiny_config(global_crops_scale=(0.5, 0.4))
     with pytest.raises(ValueError, match="at least 2 views"):
         tiny_config(global_crops_number=1, local_crops_number=0)
+    with pytest.raises(ValueError, match="student_temp must be > 0"):
+        tiny_config(student_temp=0)
+    with pytest.raises(Exception, match="teacher_temp"):  # typed float | int: a string is refused
+        tiny_config(teacher_temp="0.04")
     default = DinoPretrainingConfig()
     assert (default.backbone_config.hidden_size, default.backbone_config.patch_size) == (384, 16)
-    assert (default.out_dim, default.local_crops_number, default.momentum_teacher) == (65536, 8, 0.996)
-    model = tiny_model(local_crops_scale=(0.1, 0.3))
+    assert (default.out_dim, default.local_crops_number, default.teacher_temp) == (65536, 8, 0.04)
+    model = tiny_model(local_crops_number=3, student_temp=0.2)
     model.dino_loss.center.fill_(0.25)
     model.save_pretrained(tmp_path)
     loaded = DinoForSelfSupervisedPretraining.from_pretrained(tmp_path)
-    assert loaded.config.local_crops_scale == (0.1, 0.3)
+    assert (loaded.config.local_crops_number, loaded.config.student_temp) == (3, 0.2)
     torch.testing.assert_close(loaded.dino_loss.center, torch.full((1, 16), 0.25))
     for (name, value), loaded_value in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(value, loaded_value), name
@@ -382,6 +391,20 @@ def test_forward_rejects_wrong_views():
 
 def _photo(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_multicrop_reads_sizes_from_the_options_and_views_from_the_config():
+    augment = DinoMultiCropAugmentation.from_config(
+        tiny_config(global_crops_number=3, local_crops_number=1),
+        tiny_options(
+            global_crops_size=24, local_crops_size=8, global_crops_scale=[0.5, 1], local_crops_scale=(0.1, 0.2)
+        ),
+    )
+    assert (augment.global_crops_number, augment.local_crops_number) == (3, 1)
+    assert (augment.global_crops_size, augment.local_crops_size) == (24, 8)
+    assert augment.global_crops_scale == (0.5, 1.0) and augment.local_crops_scale == (0.1, 0.2)
+    views = augment(_photo(), torch.Generator().manual_seed(0))
+    assert views["global_crops"].shape == (3, 3, 24, 24) and views["local_crops"].shape == (1, 3, 8, 8)
 
 
 def test_multicrop_is_deterministic_per_seed():
@@ -482,39 +505,149 @@ class _Interrupted(Exception):
     pass
 
 
+def _assert_same_weights(output: Path, reference: Path) -> None:
+    weights = load_file(str(output / "model" / "model.safetensors"))
+    expected = load_file(str(reference / "model" / "model.safetensors"))
+    assert weights.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(weights[name], value), name  # student, teacher, heads and the center
+
+
 @pytest.mark.slow
 def test_resumed_run_is_bit_exact(uninterrupted, image_folder, tmp_path, monkeypatch):
     """Kill the same 6-step run after its step-3 checkpoint, resume it: every tensor equals the uninterrupted run's
     (the schedules depend on max_steps, so the interrupted run must be the same run, not a 3-step one)."""
-    full_output, _ = uninterrupted
+    full_output, full_summary = uninterrupted
     output = tmp_path / "resumed"
-    original = TrainingContext.after_step
+    original = training_loop.save_checkpoint
 
-    def after_step_then_crash(self, model, step):
-        original(self, model, step)
-        if step == 3:
+    def save_then_crash(accelerator, output_dir, state, keep):
+        path = original(accelerator, output_dir, state, keep)
+        if state["step"] == 3:
             raise _Interrupted
+        return path
 
-    monkeypatch.setattr(TrainingContext, "after_step", after_step_then_crash)
+    monkeypatch.setattr(training_loop, "save_checkpoint", save_then_crash)
     with pytest.raises(_Interrupted):
         train(load_training_arguments(TINY, dataset=str(image_folder), output_dir=str(output)))
-    monkeypatch.setattr(TrainingContext, "after_step", original)
-    assert not (output / "model").exists()
+    monkeypatch.setattr(training_loop, "save_checkpoint", original)
+    assert not (output / "model").exists() and latest_checkpoint(output) is not None
     summary = train(
         load_training_arguments(
             TINY, dataset=str(image_folder), output_dir=str(output), resume_from_checkpoint="latest"
         )
     )
     assert summary["steps"] == 6
-    resumed = load_file(str(output / "model" / "model.safetensors"))
-    uninterrupted_weights = load_file(str(full_output / "model" / "model.safetensors"))
-    assert resumed.keys() == uninterrupted_weights.keys()
-    for name, value in uninterrupted_weights.items():
-        assert torch.equal(resumed[name], value), name  # student, teacher, heads and the center
+    _assert_same_weights(output, full_output)
+    final = {key: value for key, value in summary.items() if key.startswith("final_")}
+    assert final and final == {key: value for key, value in full_summary.items() if key.startswith("final_")}
+    # resuming a finished run (no step left) still reports the last logged metrics and the steps
+    again = train(
+        load_training_arguments(
+            TINY, dataset=str(image_folder), output_dir=str(output), resume_from_checkpoint="latest"
+        )
+    )
+    assert {key: again[key] for key in final} == final
+    assert "steps: 6 x 4 images" in (output / "backbone" / "README.md").read_text()
+    _assert_same_weights(output, full_output)
+
+
+@pytest.mark.slow
+def test_dataloader_workers_build_the_same_views(uninterrupted, image_folder, tmp_path):
+    """The augmentation seeds come from each item's BatchIndex inside the dataset: 2 workers train the same
+    weights as the main process alone."""
+    full_output, _ = uninterrupted
+    output = tmp_path / "workers"
+    train(load_training_arguments(TINY, dataset=str(image_folder), output_dir=str(output), num_workers=2))
+    _assert_same_weights(output, full_output)
 
 
 def test_trainer_rejects_options_that_do_not_apply(tmp_path):
-    with pytest.raises(ValueError, match="resolution does not apply to dino_pretrain"):
+    with pytest.raises(ValueError, match="resolution does not apply to dino_pretrain: set global_crops_size"):
         train(load_training_arguments(TINY, output_dir=str(tmp_path), resolution=64))
+    with pytest.raises(ValueError, match="eval_resolution does not apply to dino_pretrain"):
+        train(load_training_arguments(TINY, output_dir=str(tmp_path), eval_resolution=64))
+    with pytest.raises(ValueError, match="preset does not apply to dino_pretrain"):
+        train(load_training_arguments(TINY, output_dir=str(tmp_path), preset="cocostuff27"))
+    with pytest.raises(ValueError, match="max_grad_norm does not apply to dino_pretrain: set clip_grad"):
+        train(load_training_arguments(TINY, output_dir=str(tmp_path), max_grad_norm=1.0))
     with pytest.raises(ValueError, match="unknown dino_pretrain model option"):
         train(load_training_arguments(TINY, output_dir=str(tmp_path), model={"local_crop_number": 3}))
+    with pytest.raises(ValueError, match="multiple of the backbone patch size"):
+        train(load_training_arguments(TINY, output_dir=str(tmp_path), local_crops_size=12))
+    assert not (tmp_path / "model").exists()
+
+
+# -- recipe options -----------------------------------------------------------------------------------------------
+
+
+def test_training_options_defaults_and_validation():
+    options = DinoPretrainingTrainingOptions()
+    assert (options.max_steps, options.batch_size, options.resolution, options.eval_resolution) == (
+        125100,
+        64,
+        None,
+        None,
+    )
+    assert (options.global_crops_size, options.local_crops_size) == (224, 96)
+    assert (options.global_crops_scale, options.local_crops_scale) == ([0.4, 1.0], [0.05, 0.4])
+    assert (options.learning_rate, options.min_lr, options.warmup_epochs, options.clip_grad) == (5e-4, 1e-6, 10.0, 3.0)
+    assert (options.weight_decay, options.weight_decay_end, options.momentum_teacher) == (0.04, 0.4, 0.996)
+    assert DinoPretrainingRecipe.options_class is DinoPretrainingTrainingOptions and DinoPretrainingRecipe.label_free
+    # YAML integers become floats
+    coerced = DinoPretrainingTrainingOptions(clip_grad=0, global_crops_scale=[0.5, 1])
+    assert coerced.clip_grad == 0.0 and isinstance(coerced.clip_grad, float)
+    assert coerced.global_crops_scale == [0.5, 1.0] and all(isinstance(v, float) for v in coerced.global_crops_scale)
+    with pytest.raises(ValueError, match="resolution does not apply"):
+        DinoPretrainingTrainingOptions(resolution=224)
+    with pytest.raises(ValueError, match="global_crops_scale"):
+        tiny_options(global_crops_scale=(0.5, 0.4))
+    with pytest.raises(ValueError, match="momentum_teacher"):
+        tiny_options(momentum_teacher=1.5)
+    with pytest.raises(ValueError, match="clip_grad must be >= 0"):
+        tiny_options(clip_grad=-1)
+    with pytest.raises(ValueError, match="unknown DinoPretrainingTrainingOptions option"):
+        DinoPretrainingTrainingOptions.from_preset(None, resolutoin=3)
+
+
+def test_training_settings_of_older_files_are_recipe_options():
+    """Files written for the release before the recipes kept the training settings under model: (the camvid
+    config's layout): they are read as recipe options, the model keeps its fields."""
+    args = load_training_arguments(
+        None,
+        method="dino_pretrain",
+        model={"out_dim": 32, "learning_rate": 0.02, "global_crops_size": 96, "teacher_temp": 0.02},
+    )
+    assert args.model == {"out_dim": 32, "teacher_temp": 0.02}
+    assert args.recipe == {"learning_rate": 0.02, "global_crops_size": 96}
+
+
+def test_old_config_json_still_loads(tmp_path):
+    """A config.json saved by the release before the recipes (learning rates, crops, steps in the config)."""
+    saved = json.loads(OLD_CONFIG.read_text())
+    assert saved["learning_rate"] == 0.005 and saved["max_steps"] == 125100 and saved["global_crops_size"] == 32
+    config = DinoPretrainingConfig.from_pretrained(OLD_CONFIG)
+    assert (config.out_dim, config.head_hidden_dim, config.local_crops_number) == (64, 48, 2)
+    assert config.teacher_temp == 0.07
+    assert config.backbone_config.hidden_size == 32
+    for name in ("learning_rate", "max_steps", "batch_size", "global_crops_size", "momentum_teacher", "clip_grad"):
+        assert not hasattr(config, name), name
+    config.save_pretrained(tmp_path)
+    assert "learning_rate" not in json.loads((tmp_path / "config.json").read_text())
+    model = DinoForSelfSupervisedPretraining(config)
+    out = model(torch.randn(2, 2, 3, 32, 32), torch.randn(2, 2, 3, 16, 16))
+    assert out.student_output.shape == (4, 2, 64)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "training" / "configs").glob("dino_pretrain_*.yaml")), ids=lambda p: p.stem
+)
+def test_configs_split_into_model_and_recipe(path):
+    from hf_useg.training import resolve_recipe_options
+
+    args = load_training_arguments(path)
+    options = resolve_recipe_options(args)
+    assert isinstance(options, DinoPretrainingTrainingOptions) and options.resolution is None
+    config_fields = set(DinoPretrainingConfig.__dataclass_fields__)
+    assert set(args.model) <= config_fields and not set(args.recipe) & config_fields
+    assert options.max_steps >= 1 and options.global_crops_size % 8 == 0

@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from transformers.utils import ModelOutput
 
 from ...backbones import FeatureBackbone
 from .configuration_dino_pretraining import DinoPretrainingConfig
+
+if TYPE_CHECKING:
+    from .training_dino_pretraining import DinoPretrainingTrainingOptions
 
 logger = logging.getLogger(__name__)
 
@@ -110,42 +114,48 @@ def _epochs_to_steps(epochs: float, steps_per_epoch: int, total_steps: int) -> i
 
 
 def dino_schedule(
-    config: DinoPretrainingConfig, step: int, total_steps: int, steps_per_epoch: int, global_batch_size: int
+    options: DinoPretrainingTrainingOptions,
+    step: int,
+    total_steps: int,
+    steps_per_epoch: int,
+    global_batch_size: int,
+    teacher_temp: float,
 ) -> DinoSchedule:
     """Learning rate, weight decay, EMA momentum, teacher temperature and last-layer freezing at ``step``
-    (0-based) of a run of ``total_steps``:
+    (0-based) of a run of ``total_steps``, from the recipe's ``options``
+    ([`~hf_useg.models.dino.training_dino_pretraining.DinoPretrainingTrainingOptions`]):
 
     * lr: linear warm-up from 0 over ``warmup_epochs``, then cosine to ``min_lr``; peak
       ``learning_rate * global_batch_size / 256``;
     * weight decay: cosine from ``weight_decay`` to ``weight_decay_end``;
     * momentum: cosine from ``momentum_teacher`` to 1;
-    * teacher temperature: linear from ``warmup_teacher_temp`` to ``teacher_temp`` over
+    * teacher temperature: linear from ``warmup_teacher_temp`` to ``teacher_temp`` (the model config's) over
       ``warmup_teacher_temp_epochs``, then constant;
     * the head's last layer is frozen while ``step < freeze_last_layer_epochs * steps_per_epoch``.
 
     Example:
 
     ```python
-    >>> from hf_useg import DinoPretrainingConfig
-    >>> dino_schedule(DinoPretrainingConfig(), 0, 1000, 10, 256).momentum
+    >>> from hf_useg.models.dino.training_dino_pretraining import DinoPretrainingTrainingOptions
+    >>> dino_schedule(DinoPretrainingTrainingOptions(), 0, 1000, 10, 256, teacher_temp=0.04).momentum
     0.996
     ```
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    peak_lr = config.learning_rate * global_batch_size / 256.0
-    warmup = _epochs_to_steps(config.warmup_epochs, steps_per_epoch, total_steps)
+    peak_lr = options.learning_rate * global_batch_size / 256.0
+    warmup = _epochs_to_steps(options.warmup_epochs, steps_per_epoch, total_steps)
     return DinoSchedule(
-        learning_rate=cosine_schedule(step, total_steps, peak_lr, config.min_lr, warmup_steps=warmup),
-        weight_decay=cosine_schedule(step, total_steps, config.weight_decay, config.weight_decay_end),
-        momentum=cosine_schedule(step, total_steps, config.momentum_teacher, 1.0),
+        learning_rate=cosine_schedule(step, total_steps, peak_lr, options.min_lr, warmup_steps=warmup),
+        weight_decay=cosine_schedule(step, total_steps, options.weight_decay, options.weight_decay_end),
+        momentum=cosine_schedule(step, total_steps, options.momentum_teacher, 1.0),
         teacher_temp=linear_warmup(
             step,
-            _epochs_to_steps(config.warmup_teacher_temp_epochs, steps_per_epoch, total_steps),
-            config.warmup_teacher_temp,
-            config.teacher_temp,
+            _epochs_to_steps(options.warmup_teacher_temp_epochs, steps_per_epoch, total_steps),
+            options.warmup_teacher_temp,
+            teacher_temp,
         ),
-        freeze_last_layer=step < _epochs_to_steps(config.freeze_last_layer_epochs, steps_per_epoch, total_steps),
+        freeze_last_layer=step < _epochs_to_steps(options.freeze_last_layer_epochs, steps_per_epoch, total_steps),
     )
 
 
@@ -384,7 +394,7 @@ class DinoForSelfSupervisedPretraining(DinoPretrainingPreTrainedModel):
     >>> tiny = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
     ...                  patch_size=8, image_size=32, layer_norm_eps=1e-6)
     >>> config = DinoPretrainingConfig(backbone_config=tiny, out_dim=64, head_hidden_dim=48, head_bottleneck_dim=16,
-    ...                                global_crops_size=32, local_crops_size=16, local_crops_number=2)
+    ...                                local_crops_number=2)
     >>> model = DinoForSelfSupervisedPretraining(config)
     >>> out = model(torch.randn(4, 2, 3, 32, 32), local_pixel_values=torch.randn(4, 2, 3, 16, 16))
     >>> out.loss.shape, out.student_output.shape, out.teacher_output.shape
@@ -449,7 +459,7 @@ class DinoForSelfSupervisedPretraining(DinoPretrainingPreTrainedModel):
         return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
-        """The student head's last layer (frozen during the first ``freeze_last_layer_epochs``)."""
+        """The student head's last layer (frozen during the recipe's first ``freeze_last_layer_epochs``)."""
         return list(self.head.last_layer.parameters())
 
     # ----------------------------------------------------------------------------------------------------------

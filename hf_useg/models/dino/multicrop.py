@@ -193,14 +193,15 @@ class DinoMultiCropAugmentation:
         self.std = np.asarray(std, dtype=np.float32)
 
     @classmethod
-    def from_config(cls, config) -> DinoMultiCropAugmentation:
-        """The augmentation a [`DinoPretrainingConfig`] describes."""
+    def from_config(cls, config, options) -> DinoMultiCropAugmentation:
+        """The augmentation of a run: the number of views from the model's [`DinoPretrainingConfig`], their
+        sizes and scales from the recipe's `DinoPretrainingTrainingOptions`."""
         return cls(
-            global_crops_scale=config.global_crops_scale,
-            local_crops_scale=config.local_crops_scale,
+            global_crops_scale=options.global_crops_scale,
+            local_crops_scale=options.local_crops_scale,
             local_crops_number=config.local_crops_number,
-            global_crops_size=config.global_crops_size,
-            local_crops_size=config.local_crops_size,
+            global_crops_size=options.global_crops_size,
+            local_crops_size=options.local_crops_size,
             global_crops_number=config.global_crops_number,
         )
 
