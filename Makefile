@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export HF_HUB_OFFLINE ?= 1
-export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
+# `make test` runs offline; every other target (the demo above all) may reach the Hub unless the user sets
+# HF_HUB_OFFLINE=1 in the environment.
+TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 .PHONY: test demo lint bench clean venv
 
@@ -19,10 +20,10 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check hf_useg tests training benchmarks spaces
-	$(BIN)/pytest -q -ra
+	$(TEST_ENV) $(BIN)/pytest -q -ra
 
 demo: $(STAMP)
-	$(BIN)/python -m hf_useg.cli demo --output-dir demo_output
+	$(BIN)/hf-useg demo --output-dir demo_output
 
 lint: $(STAMP)
 	$(BIN)/ruff check hf_useg tests training benchmarks spaces

@@ -4,6 +4,8 @@ hf-useg evaluate MODEL --dataset PATH_OR_ID --split val [--num-classes N] [--crf
 hf-useg demo [--output-dir DIR]
 hf-useg push MODEL_DIR REPO_ID [--private] [--token TOKEN] [--keep-card]   (or: push spaces/ REPO_ID --space)
 hf-useg convert stego CHECKPOINT OUTPUT_DIR [--backbone-name HUB_ID]
+
+This module imports only the standard library at import time; each command imports what it needs.
 """
 
 from __future__ import annotations
@@ -175,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    demo = commands.add_parser("demo", help="train STEGO briefly, evaluate it and write a model folder (offline)")
+    demo = commands.add_parser(
+        "demo",
+        help="train STEGO briefly, evaluate it and write a model folder (offline by default; BACKBONE/DATA env)",
+    )
     demo.add_argument("--output-dir", default="demo_output")
     demo.add_argument("--steps", type=int, default=None)
     demo.set_defaults(func=cmd_demo)
@@ -207,11 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Everything heavy (torch, transformers, the models) is imported after parsing: `--help` and argument
+    # errors are answered at once.
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    import hf_useg
+
+    hf_useg._register_auto_classes()  # the console script defers it to here (see `hf_useg/__init__.py`)
     return args.func(args)
 
 

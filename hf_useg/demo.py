@@ -1,16 +1,20 @@
 """`make demo`: train STEGO for a short schedule, compare it with the DINO-feature k-means baseline on the same
 backbone, and write a model folder, overlays and a per-class table.
 
-Offline by default: the generated synthetic scenes and a small randomly initialised ViT (both named as such in
-the output). ``BACKBONE=facebook/dino-vits8`` (a Hub id or a local folder) and ``DATA=<hub id or folder>`` (with
-``NUM_CLASSES``) switch to real ones; with no network a Hub id is reported at once and the default is used.
+By default it runs offline: the generated synthetic scenes and a small randomly initialised ViT (both named as
+such in the output). ``BACKBONE=facebook/dino-vits8`` (a Hub id or a local folder) and ``DATA=<hub id or folder>``
+(with ``NUM_CLASSES``) switch to real ones. A Hub id is downloaded when the Hub answers a quick probe (a few
+seconds at most); when it does not, or when the user set ``HF_HUB_OFFLINE=1``, the demo says so and falls back to
+the offline default.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,37 +25,67 @@ from .trainer import RANDOM_BACKBONES, TrainingArguments, train
 DEFAULT_BACKBONE = "random-vit-tiny"
 
 
-def _hub_reachable(timeout: float = 1.5) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
+_TRUE = ("1", "on", "yes", "true")
+
+
+def _user_offline() -> bool:
+    """Whether the user asked for offline mode (``HF_HUB_OFFLINE`` set to a true value, as `huggingface_hub` reads
+    it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+@functools.cache
+def _hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """None when the Hub answers; otherwise why not (HF_HUB_OFFLINE, or the probe's error). One quick HTTPS request
+    to the Hub's API (``HF_ENDPOINT``, proxies from the environment), at most `timeout` seconds."""
+    if _user_offline():
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        with urllib.request.urlopen(f"{endpoint}/api/models?limit=1", timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # the Hub answered (e.g. 429): it is reachable
+    except (OSError, ValueError) as error:  # URLError, timeouts, DNS failures, a malformed HF_ENDPOINT
+        reason = getattr(error, "reason", None) or error
+        return f"the Hugging Face Hub ({endpoint}) is not reachable: {reason}"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    return _hub_unreachable_reason(timeout) is None
+
+
+def _go_offline() -> None:
+    # nothing below should try the network again (and wait for it)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
 def _pick_backbone(requested: str | None) -> tuple[str, str | None]:
     if not requested or requested in RANDOM_BACKBONES or Path(requested).exists():
         return requested or DEFAULT_BACKBONE, None
-    if _hub_reachable():
+    reason = _hub_unreachable_reason()
+    if reason is None:
         return requested, None
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    _go_offline()
     return (
         DEFAULT_BACKBONE,
-        f"no network: cannot download {requested!r}; using the offline default {DEFAULT_BACKBONE}",
+        f"{reason}; cannot download the backbone {requested!r}. Falling back to the offline default "
+        f"{DEFAULT_BACKBONE} (a randomly initialised ViT, not a pretrained one).",
     )
 
 
 def _pick_data(requested: str | None) -> tuple[str, str | None]:
     if not requested or requested == "synthetic" or Path(requested).exists():
         return requested or "synthetic", None
-    if _hub_reachable():
+    reason = _hub_unreachable_reason()
+    if reason is None:
         return requested, None
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    _go_offline()
     return (
         "synthetic",
-        f"no network: cannot download the dataset {requested!r}; using the generated synthetic scenes",
+        f"{reason}; cannot download the dataset {requested!r}. Falling back to the generated synthetic scenes "
+        "(not real data).",
     )
 
 
@@ -100,6 +134,11 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", steps: int | None = 
     data, note = _pick_data(os.environ.get("DATA"))
     if note:
         notes.append(note)
+    if not os.environ.get("BACKBONE") and not os.environ.get("DATA"):
+        notes.append(
+            "offline defaults (no BACKBONE/DATA given); e.g. BACKBONE=facebook/dino-vits8 DATA=<hub id or folder> "
+            "NUM_CLASSES=<n> make demo uses a pretrained DINO and real data"
+        )
     for line in notes:
         print(f"[hf_useg demo] {line}", flush=True)
     synthetic = data == "synthetic"

@@ -70,13 +70,18 @@ def discover_models(model_dirs: Sequence[str | os.PathLike] = ()) -> list[str]:
 
 def method_of(name: str) -> str:
     """The method's display name of a model (read from a local folder's config; Hub ids are read on load)."""
-    from hf_useg.hub import METHOD_INFO
-
     config_path = Path(name) / "config.json"
     if not config_path.is_file():
         return "Hub model"
-    model_type = json.loads(config_path.read_text()).get("model_type", "unknown")
-    return METHOD_INFO.get(model_type, (model_type,))[0]
+    return method_display_name(json.loads(config_path.read_text()).get("model_type", "unknown"))
+
+
+def method_display_name(model_type: str) -> str:
+    """The registry's display name of the method whose models have ``model_type`` (the type itself otherwise)."""
+    from hf_useg.registry import method_for_model_type
+
+    spec = method_for_model_type(model_type)
+    return spec.display_name if spec is not None else model_type
 
 
 @dataclass
@@ -111,7 +116,6 @@ def load_model(name: str) -> LoadedModel:
     from transformers import AutoModel
 
     import hf_useg  # noqa: F401  (registers the models with the Auto classes)
-    from hf_useg.hub import METHOD_INFO
     from hf_useg.image_processing import UnsupervisedSegmentationImageProcessor, whole_image_processor
 
     name = name.strip()
@@ -135,7 +139,7 @@ def load_model(name: str) -> LoadedModel:
         processor = whole_image_processor(int(resolution or 320), patch)
     id2label = model.config.id2label
     cluster_labels = [str(id2label.get(i, f"cluster_{i}")) for i in range(len(id2label))]
-    method = METHOD_INFO.get(model.config.model_type, (model.config.model_type,))[0]
+    method = method_display_name(model.config.model_type)
     return LoadedModel(name, model, processor, method, cluster_labels, _linear_labels(name, model))
 
 

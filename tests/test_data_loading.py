@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from hf_useg.data import check_label_sizes, label_to_tensor, load_segmentation_dataset, segmentation_metadata
-from hf_useg.data import loading as loading_module
+from hf_useg.data import readers as readers_module
 
 
 @pytest.fixture(autouse=True)
@@ -364,7 +364,7 @@ def test_empty_saved_dataset(tmp_path):
 
 
 def test_hub_id_offline_fails_fast():
-    assert loading_module._hub_is_offline()  # conftest sets HF_HUB_OFFLINE=1
+    assert readers_module._hub_is_offline()  # conftest sets HF_HUB_OFFLINE=1
     start = time.perf_counter()
     with pytest.raises(ConnectionError, match=r"not a local path.*offline"):
         load_segmentation_dataset("someone/no-such-dataset-hf-useg")
@@ -375,7 +375,7 @@ def test_hub_unreachable_and_missing(monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    monkeypatch.setattr(loading_module, "_hub_is_offline", lambda: False)
+    monkeypatch.setattr(readers_module, "_hub_is_offline", lambda: False)
 
     def unreachable(self, repo_id, **kwargs):
         raise OSError("Name or service not known")

@@ -518,7 +518,7 @@ def test_push_space_folder_with_package_and_model(trained_model_dir, fake_hub):
     for name in ("app.py", "README.md", "requirements.txt"):
         assert files[name] == (space_dir / name).read_bytes()
     package = REPO_ROOT / "hf_useg"
-    for name in ("__init__.py", "hub.py", "resources/model_card_template.md", "models/stego/modeling_stego.py"):
+    for name in ("__init__.py", "hub/push.py", "resources/model_card_template.md", "models/stego/modeling_stego.py"):
         assert files[f"hf_useg/{name}"] == (package / name).read_bytes()
     assert not [name for name in files if "__pycache__" in name or name.endswith(".pyc")]
     model_name = trained_model_dir.name

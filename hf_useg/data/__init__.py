@@ -1,5 +1,9 @@
 """Data layer: dataset loading, synthetic scenes, five-crops, kNN positives and benchmark converters.
 
+Dataset loading is split by job: `sources` (`load_segmentation_dataset`, the entry point, and the image/label
+column names), `readers` (one reader per source format, and split names), `metadata` (the class count, names and
+void id a dataset carries) and `labels` (label maps as class-id tensors, label/image size checks).
+
 Example:
 
 ```python
@@ -21,15 +25,10 @@ from .converters import (
 )
 from .crops import CROP_NAMES, expand_five_crops, five_crop, five_crop_boxes
 from .knn import compute_global_descriptors, global_descriptors, nearest_neighbors
-from .loading import (
-    IMAGE_COLUMN_ALIASES,
-    LABEL_COLUMN_ALIASES,
-    check_label_sizes,
-    label_to_tensor,
-    load_segmentation_dataset,
-    segmentation_metadata,
-)
+from .labels import check_label_sizes, label_to_tensor
+from .metadata import segmentation_metadata
 from .processing import ProcessedSegmentationDataset, collate_segmentation_batch
+from .sources import IMAGE_COLUMN_ALIASES, LABEL_COLUMN_ALIASES, load_segmentation_dataset
 from .synthetic import make_synthetic_scenes, save_synthetic_scenes, synthetic_class_names
 
 __all__ = [

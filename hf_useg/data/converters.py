@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 
-from .loading import IMAGE_EXTENSIONS, LABEL_EXTENSIONS
+from .readers import IMAGE_EXTENSIONS, LABEL_EXTENSIONS
 
 __all__ = [
     "ISPRS_COLORS",

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from .loading import _set_metadata, segmentation_metadata
+from .metadata import _set_metadata, segmentation_metadata
 
 __all__ = ["CROP_NAMES", "expand_five_crops", "five_crop", "five_crop_boxes"]
 

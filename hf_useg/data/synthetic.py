@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
-from .loading import _set_metadata
+from .metadata import _set_metadata
 
 __all__ = ["make_synthetic_scenes", "save_synthetic_scenes", "synthetic_class_names"]
 

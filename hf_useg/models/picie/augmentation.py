@@ -47,22 +47,6 @@ __all__ = [
 PHOTOMETRIC_COLUMNS = ("brightness", "contrast", "saturation", "hue", "greyscale", "blur_radius")
 GEOMETRIC_COLUMNS = ("crop_scale", "crop_top", "crop_left", "flip")
 
-# Defaults = PicieConfig's (the paper's values, METHODS 2.2).
-_DEFAULTS = {
-    "brightness": 0.3,
-    "contrast": 0.3,
-    "saturation": 0.3,
-    "hue": 0.1,
-    "color_jitter_probability": 0.8,
-    "greyscale_probability": 0.2,
-    "blur_probability": 0.5,
-    "blur_radius_min": 0.1,
-    "blur_radius_max": 2.0,
-    "crop_scale_min": 0.5,
-    "crop_scale_max": 1.0,
-    "flip_probability": 0.5,
-    "released_augmentation": False,
-}
 _GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision
 
 
@@ -95,15 +79,21 @@ class PicieViewParameters:
         return PicieViewParameters(self.photometric1[indices], self.photometric2[indices], self.geometric[indices])
 
 
-def _option(config: Any, name: str) -> Any:
-    return _DEFAULTS[name] if config is None else getattr(config, name)
+def _option(options: Any, name: str) -> Any:
+    """An augmentation setting of the PiCIE recipe's options (`PicieTrainingOptions`; its defaults, the paper's
+    values, when ``options`` is None)."""
+    if options is None:
+        from .training_picie import PicieTrainingOptions  # (the recipe module imports this one)
+
+        options = PicieTrainingOptions()
+    return getattr(options, name)
 
 
 def _view_seed(seed: int, epoch: int) -> int:
     return (int(seed) * 1_000_003 + int(epoch) * 104_729 + 97) % (2**63 - 1)
 
 
-def draw_view_parameters(num_images: int, *, seed: int, epoch: int, config: Any = None) -> PicieViewParameters:
+def draw_view_parameters(num_images: int, *, seed: int, epoch: int, options: Any = None) -> PicieViewParameters:
     """Draw the views of every image for one epoch (METHODS 2.2).
 
     Row ``i`` depends only on ``(seed, epoch, i)`` (a CPU generator seeded from ``seed`` and ``epoch`` fills the
@@ -115,14 +105,14 @@ def draw_view_parameters(num_images: int, *, seed: int, epoch: int, config: Any 
     `blur_probability`. G: crop side ~ U(`crop_scale_min`, `crop_scale_max`) of the image side at a uniform
     position, then a horizontal flip with `flip_probability`.
 
-    With ``config.released_augmentation`` the released code's behaviour replaces the paper's: no greyscale, and the
+    With ``options.released_augmentation`` the released code's behaviour replaces the paper's: no greyscale, and the
     blur std is ``|m (u - p) + min|`` with the blur coin ``u < p`` and ``m = (max - min) / (1 - p)``.
 
     Args:
         num_images (`int`): images in the training set.
         seed (`int`), epoch (`int`): the run's seed and the epoch.
-        config ([`PicieConfig`], *optional*): where the augmentation options are read; the paper's defaults when
-            omitted.
+        options ([`PicieTrainingOptions`], *optional*): the recipe options the augmentation settings are read
+            from; the paper's defaults when omitted.
 
     Example:
 
@@ -138,23 +128,23 @@ def draw_view_parameters(num_images: int, *, seed: int, epoch: int, config: Any 
     generator = torch.Generator().manual_seed(_view_seed(seed, epoch))
     # 11 uniforms per photometric view + 4 for G, drawn row by row
     uniforms = torch.rand(num_images, 26, generator=generator, dtype=torch.float64)
-    released = bool(_option(config, "released_augmentation"))
-    p_jitter = float(_option(config, "color_jitter_probability"))
+    released = bool(_option(options, "released_augmentation"))
+    p_jitter = float(_option(options, "color_jitter_probability"))
 
     def photometric(u: torch.Tensor) -> torch.Tensor:
         columns = []
         for offset, name in ((0, "brightness"), (2, "contrast"), (4, "saturation")):
-            x = float(_option(config, name))
+            x = float(_option(options, name))
             low, high = max(0.0, 1.0 - x), 1.0 + x
             factor = low + (high - low) * u[:, offset + 1]
             columns.append(torch.where(u[:, offset] < p_jitter, factor, torch.ones_like(factor)))
-        hue = float(_option(config, "hue"))
+        hue = float(_option(options, "hue"))
         shift = -hue + 2 * hue * u[:, 7]
         columns.append(torch.where(u[:, 6] < p_jitter, shift, torch.zeros_like(shift)))
-        grey = (u[:, 8] < float(_option(config, "greyscale_probability"))).to(torch.float64)
+        grey = (u[:, 8] < float(_option(options, "greyscale_probability"))).to(torch.float64)
         columns.append(torch.zeros_like(grey) if released else grey)
-        p_blur = float(_option(config, "blur_probability"))
-        low, high = float(_option(config, "blur_radius_min")), float(_option(config, "blur_radius_max"))
+        p_blur = float(_option(options, "blur_probability"))
+        low, high = float(_option(options, "blur_radius_min")), float(_option(options, "blur_radius_max"))
         coin = u[:, 9]
         if released:
             # the released code reuses the blur coin u < p for the radius: r = m (u - p) + min, and PIL's blur only
@@ -165,14 +155,14 @@ def draw_view_parameters(num_images: int, *, seed: int, epoch: int, config: Any 
         columns.append(torch.where(coin < p_blur, radius, torch.zeros_like(radius)))
         return torch.stack(columns, dim=1)
 
-    smin, smax = float(_option(config, "crop_scale_min")), float(_option(config, "crop_scale_max"))
+    smin, smax = float(_option(options, "crop_scale_min")), float(_option(options, "crop_scale_max"))
     g = uniforms[:, 22:]
     geometric = torch.stack(
         [
             smin + (smax - smin) * g[:, 0],
             g[:, 1],
             g[:, 2],
-            (g[:, 3] < float(_option(config, "flip_probability"))).to(torch.float64),
+            (g[:, 3] < float(_option(options, "flip_probability"))).to(torch.float64),
         ],
         dim=1,
     )

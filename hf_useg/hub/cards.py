@@ -1,24 +1,12 @@
-"""Model cards and Hub uploads (`huggingface_hub`).
+"""Model cards of hf_useg models (`huggingface_hub.ModelCard`).
 
 * [`generate_model_card`] builds the card of a trained, fitted or converted model: `ModelCardData` metadata
   (``pipeline_tag: image-segmentation``, ``library_name: hf_useg``, base model, datasets, a ``model-index`` with
   the cluster- and linear-probe accuracy and mIoU) and a body with the results, the evaluation protocol and usage.
+  The method's name, paper and description come from the method registry (`hf_useg.registry`).
 * [`model_card_from_folder`] does the same for a saved model folder (``config.json``, ``training_summary.json``,
   ``eval_results.json``), [`validate_model_card`] checks a card offline, [`card_eval_results`] reads the numbers
   back.
-* [`push_model_folder`] uploads a model folder (weights, config, image processor, card) in one commit and
-  [`push_space_folder`] uploads the Gradio Space (``spaces/``, with the `hf_useg` source so that it runs without
-  a released package). ``hf-useg push`` is their command line.
-
-Example:
-
-```python
->>> from hf_useg.hub import model_card_from_folder, push_model_folder, validate_model_card
->>> card = model_card_from_folder("outputs/stego/model", repo_id="me/stego-camvid")     # doctest: +SKIP
->>> validate_model_card(card).pipeline_tag                                              # doctest: +SKIP
-'image-segmentation'
->>> push_model_folder("outputs/stego/model", "me/stego-camvid", private=True)            # doctest: +SKIP
-```
 """
 
 from __future__ import annotations
@@ -27,7 +15,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -35,41 +23,14 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard import RepoCard
 
-__all__ = [
-    "METHOD_INFO",
-    "card_eval_results",
-    "generate_model_card",
-    "model_card_from_folder",
-    "push_model_folder",
-    "push_space_folder",
-    "validate_model_card",
-]
+from ..registry import method_for_model_type
+
+__all__ = ["card_eval_results", "generate_model_card", "model_card_from_folder", "validate_model_card"]
 
 LIBRARY_NAME = "hf_useg"
 LIBRARY_URL = "https://github.com/hf-useg/hf_useg"
 PIPELINE_TAG = "image-segmentation"
 TASK_NAME = "Unsupervised semantic segmentation"
-
-# model_type -> (display name, reference, one-line description)
-METHOD_INFO = {
-    "stego": (
-        "STEGO",
-        "Hamilton et al., ICLR 2022, arXiv:2203.08414",
-        "A segmentation head trained on frozen self-supervised ViT features by distilling their feature "
-        "correspondences (no labels); segments are found by clustering the learned code.",
-    ),
-    "dino_segmentation": (
-        "DINO-feature k-means",
-        "Caron et al., ICCV 2021, arXiv:2104.14294",
-        "Zero-training baseline: cosine k-means over the patch features of a frozen DINO backbone.",
-    ),
-    "picie": (
-        "PiCIE",
-        "Cho et al., CVPR 2021, arXiv:2103.17070",
-        "Clustering with photometric invariance and geometric equivariance.",
-    ),
-    "iic": ("IIC", "Ji et al., ICCV 2019, arXiv:1807.06653", "Invariant information clustering."),
-}
 
 # evaluation entries (keys of `hf_useg.inference.evaluate_segmenter`'s result) -> (card title, matching)
 PROBES = {
@@ -92,10 +53,6 @@ _PROTOCOL_ROWS = (
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]*[A-Za-z0-9]$")
 _SYNTHETIC_DATASET = ("synthetic-scenes", "generated synthetic scenes (not real data)")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# model cards
 
 
 def _looks_like_hub_id(name: Any) -> bool:
@@ -208,9 +165,11 @@ def generate_model_card(
     summary = dict(summary or {})
     config, class_name = _config_of(model)
     model_type = config.model_type
-    method_name, reference, description = METHOD_INFO.get(
-        model_type, (model_type, "", "Unsupervised semantic segmentation model.")
-    )
+    spec = method_for_model_type(model_type)
+    if spec is not None:
+        method_name, reference, description = spec.display_name, spec.paper, spec.description
+    else:
+        method_name, reference, description = model_type, "", "Unsupervised semantic segmentation model."
     dataset_type, dataset_name, hub_dataset = _dataset_fields(summary.get("dataset"), dataset_id)
     if model_name is None:
         model_name = repo_id.split("/")[-1] if repo_id else f"{model_type}-segmentation"
@@ -431,198 +390,3 @@ def card_eval_results(card: ModelCard | str | os.PathLike) -> dict[str, dict[str
         probe = result.metric_config or "unknown"
         table.setdefault(probe, {})[result.metric_type] = result.metric_value
     return table
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# uploads
-
-# never uploaded from a model or Space folder
-_SKIPPED_NAMES = {"__pycache__", ".git", ".ipynb_checkpoints", "checkpoints", ".gradio", "flagged"}
-
-
-def _folder_files(folder: Path) -> Iterator[tuple[str, Path]]:
-    """(path in repo, local path) of the files to upload: hidden files, caches and checkpoints are left out."""
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if any(part.startswith(".") or part in _SKIPPED_NAMES for part in relative.parts):
-            continue
-        if path.is_file() and path.suffix not in (".pyc", ".pyo"):
-            yield relative.as_posix(), path
-
-
-def _check_model_folder(folder: Path) -> None:
-    from transformers import AutoConfig
-
-    import hf_useg
-
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder")
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} is not a model folder: it has no config.json (save it with save_pretrained)")
-    weights = list(folder.glob("*.safetensors")) + list(folder.glob("*.safetensors.index.json"))
-    if not weights:
-        raise ValueError(f"{folder} has no *.safetensors weights: save the model with save_pretrained first")
-    model_types = {config_class.model_type for config_class, _ in hf_useg._SEGMENTATION_MODELS}
-    config = AutoConfig.from_pretrained(folder)
-    if config.model_type not in model_types:
-        raise ValueError(
-            f"{folder} holds a {config.model_type!r} model, not an hf_useg segmentation model ({sorted(model_types)})"
-        )
-    if not (folder / "preprocessor_config.json").is_file():
-        raise ValueError(
-            f"{folder} has no preprocessor_config.json: save the image processor too (the pipeline and the Space "
-            "need it), e.g. whole_image_processor(resolution, patch_size).save_pretrained(folder)"
-        )
-
-
-def push_model_folder(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    token: str | None = None,
-    card: str = "regenerate",
-    dataset_id: str | None = None,
-    base_model: str | None = None,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    endpoint: str | None = None,
-):
-    """Upload a saved model folder to the Hub in one commit: ``create_repo`` (``exist_ok``) then ``create_commit``
-    with every file of the folder (weights, config, image processor, evaluation files) and the card as
-    ``README.md``.
-
-    Args:
-        card: ``"regenerate"`` (default: [`model_card_from_folder`] with ``repo_id`` in the usage snippets) or
-            ``"keep"`` (upload the folder's own ``README.md``). Either way the card is checked with
-            [`validate_model_card`] before anything is sent, and the Hub validates it again on commit.
-        private: create the repository private (an existing repository keeps its visibility).
-        token: a Hub token; default: the logged-in user's (``hf auth login`` / ``HF_TOKEN``).
-        endpoint: the Hub URL (default ``HF_ENDPOINT`` / huggingface.co).
-
-    Returns:
-        The `huggingface_hub.CommitInfo` of the commit (``.commit_url``, ``.repo_url``).
-
-    Example:
-
-    ```python
-    >>> info = push_model_folder("outputs/stego-camvid/model", "me/stego-camvid")    # doctest: +SKIP
-    >>> info.repo_url                                                                  # doctest: +SKIP
-    RepoUrl('https://huggingface.co/me/stego-camvid', endpoint='https://huggingface.co', repo_type='model', ...)
-    ```
-    """
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    folder = Path(folder)
-    _check_model_folder(folder)
-    if card == "regenerate":
-        readme = str(model_card_from_folder(folder, repo_id=repo_id, dataset_id=dataset_id, base_model=base_model))
-    elif card == "keep":
-        if not (folder / "README.md").is_file():
-            raise ValueError(f"card='keep' but {folder} has no README.md: use card='regenerate'")
-        readme = (folder / "README.md").read_text()
-    else:
-        raise ValueError(f"card must be 'regenerate' or 'keep', got {card!r}")
-    validate_model_card(ModelCard(readme))
-
-    operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-        for name, path in _folder_files(folder)
-        if name != "README.md"
-    ]
-    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme.encode("utf-8")))
-    api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    return api.create_commit(
-        repo_id,
-        operations,
-        commit_message=commit_message or "Upload hf_useg model",
-        revision=revision,
-        repo_type="model",
-    )
-
-
-def _space_front_matter(readme: Path) -> dict[str, Any]:
-    import yaml
-
-    text = readme.read_text()
-    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, flags=re.DOTALL)
-    if not match:
-        raise ValueError(f"{readme} has no YAML front matter (--- ... ---) with the Space settings")
-    data = yaml.safe_load(match.group(1)) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{readme}: the front matter must be a mapping")
-    return data
-
-
-def push_space_folder(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    token: str | None = None,
-    include_package: bool = True,
-    model_dirs: Sequence[str | os.PathLike] = (),
-    commit_message: str | None = None,
-    endpoint: str | None = None,
-):
-    """Upload the Gradio Space folder (``spaces/``: ``app.py``, ``README.md`` with the Space front matter,
-    ``requirements.txt``) as a Space (``repo_type="space"``, ``space_sdk="gradio"``).
-
-    Args:
-        include_package: also upload the `hf_useg` package source as ``hf_useg/`` beside ``app.py`` (default), so
-            the Space runs this exact code without a released package.
-        model_dirs: saved model folders to bundle as ``models/<folder name>/`` (the app lists them); Hub models
-            are better named in the Space's ``HF_USEG_MODELS`` variable instead.
-
-    Returns:
-        The `huggingface_hub.CommitInfo` of the commit.
-
-    Example:
-
-    ```python
-    >>> push_space_folder("spaces", "me/hf-useg-demo", model_dirs=["outputs/stego/model"])   # doctest: +SKIP
-    ```
-    """
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder")
-    if not (folder / "README.md").is_file():
-        raise ValueError(f"{folder} has no README.md: a Space needs one with its front matter (sdk, app_file)")
-    settings = _space_front_matter(folder / "README.md")
-    sdk = settings.get("sdk")
-    if sdk != "gradio":
-        raise ValueError(f"{folder}/README.md declares sdk {sdk!r}; this helper uploads Gradio Spaces (sdk: gradio)")
-    app_file = settings.get("app_file", "app.py")
-    if not (folder / app_file).is_file():
-        raise ValueError(f"{folder}/README.md names app_file {app_file!r}, which does not exist")
-
-    operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in _folder_files(folder)
-    ]
-    if include_package:
-        package = Path(__file__).resolve().parent
-        operations += [
-            CommitOperationAdd(path_in_repo=f"hf_useg/{name}", path_or_fileobj=str(path))
-            for name, path in _folder_files(package)
-        ]
-    for model_dir in model_dirs:
-        model_dir = Path(model_dir)
-        _check_model_folder(model_dir)
-        name = model_dir.resolve().name
-        operations += [
-            CommitOperationAdd(path_in_repo=f"models/{name}/{relative}", path_or_fileobj=str(path))
-            for relative, path in _folder_files(model_dir)
-        ]
-    paths = [operation.path_in_repo for operation in operations]
-    duplicates = sorted({path for path in paths if paths.count(path) > 1})
-    if duplicates:
-        raise ValueError(f"two files would land on the same path in the Space: {duplicates}")
-
-    api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
-    return api.create_commit(
-        repo_id, operations, commit_message=commit_message or "Upload hf_useg Space", repo_type="space"
-    )
