@@ -4,7 +4,6 @@
 # real types, not strings.
 
 import copy
-import dataclasses
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -12,8 +11,9 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from ...backbones import check_pos_embed_interpolation
+from ...modeling_utils import drop_legacy_training_fields
 
-__all__ = ["PicieConfig", "RESNET_18"]
+__all__ = ["LEGACY_TRAINING_FIELDS", "PicieConfig", "RESNET_18"]
 
 # ResNet-18 as a transformers `ResNetConfig` (same layers as torchvision's resnet18, which PiCIE uses), with the
 # four residual stages as outputs for the FPN.
@@ -31,24 +31,59 @@ _CLUSTER_WEIGHTINGS = ("frequency", "balanced")
 # backbones that yield one token grid (a single feature map): the "FPN" is then a single 1x1 projection
 TOKEN_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "dinov3_vit")
 
-# Released training settings (janghyuncho/PiCIE `sh_files/train_picie*.sh` + METHODS 2.4): ResNet-18 (ImageNet),
-# 10 epochs, batch 128, views cut from a 640 center crop and fed at 320, clustering batch 256, k-means initialised
-# on 20 batches. METHODS 2.4 gives Adam lr 1e-4 for COCO (the released logs) and 1e-3 for Cityscapes.
+# The released models (janghyuncho/PiCIE, METHODS 2.4): ResNet-18 + FPN, K = 27. Their training settings are the
+# recipe's presets of the same names (`training_picie.PicieTrainingOptions.presets`).
 _PRESETS: dict[str, dict[str, Any]] = {
-    "cocostuff27": {"dataset_name": "cocostuff27", "num_clusters": 27, "learning_rate": 1e-4},
-    "cityscapes27": {"dataset_name": "cityscapes27", "num_clusters": 27, "learning_rate": 1e-3},
+    "cocostuff27": {"dataset_name": "cocostuff27", "num_clusters": 27},
+    "cityscapes27": {"dataset_name": "cityscapes27", "num_clusters": 27},
 }
+
+# Keys of configs written before the training recipe existed: now `PicieTrainingOptions` fields (and `is_fitted`,
+# now derived from the model's centroids). Dropped when such a config.json loads.
+LEGACY_TRAINING_FIELDS = (
+    "kmeans_init_batches",
+    "kmeans_iterations",
+    "kmeans_init_max_vectors",
+    "cluster_batch_size",
+    "learning_rate",
+    "num_epochs",
+    "max_steps",
+    "batch_size",
+    "resolution",
+    "base_resolution_factor",
+    "eval_resolution",
+    "val_every",
+    "final_recluster",
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "color_jitter_probability",
+    "greyscale_probability",
+    "blur_probability",
+    "blur_radius_min",
+    "blur_radius_max",
+    "crop_scale_min",
+    "crop_scale_max",
+    "flip_probability",
+    "released_augmentation",
+    "is_fitted",
+)
 
 
 @strict
 class PicieConfig(PreTrainedConfig):
     r"""
-    Configuration of [`PicieForUnsupervisedSegmentation`] (PiCIE, Cho et al., CVPR 2021; METHODS 2). Every field
-    has a default: the defaults are the released COCO-Stuff-27 setting (ResNet-18 + FPN, K = 27, Adam 1e-4, 10
-    epochs of batch 128 at 320 px) and [`PicieConfig.for_dataset`] gives the Cityscapes one.
+    Configuration of [`PicieForUnsupervisedSegmentation`] (PiCIE, Cho et al., CVPR 2021; METHODS 2): the
+    architecture (backbone + FPN), the number of clusters and how the loss weights them. Every field has a default:
+    the defaults are the released COCO-Stuff-27 model (ResNet-18 + FPN, K = 27) and [`PicieConfig.for_dataset`]
+    gives the Cityscapes one. The training settings (Adam learning rate, epochs, views, the k-means schedule) are
+    the recipe's: `hf_useg.models.picie.training_picie.PicieTrainingOptions`.
 
     `config.id2label` names the `num_clusters` outputs (`"cluster_0"`, ... until evaluation names them after the
-    matched classes); passing an `id2label`/`num_labels` of another length is an error.
+    matched classes); passing an `id2label`/`num_labels` of another length is an error. Whether the centroids are
+    fitted is the model's state (`PicieForUnsupervisedSegmentation.is_fitted`), not a config field; configs written
+    by earlier releases (with `is_fitted` and the training settings) still load, those keys being dropped.
 
     Args:
         backbone_config (`dict` or `PreTrainedConfig`, *optional*):
@@ -79,61 +114,6 @@ class PicieConfig(PreTrainedConfig):
             Cross-entropy class weights from each view's cluster sizes: `"frequency"` (w_k = n_k / N, what the
             released code does; it up-weights large clusters) or `"balanced"` (inverse frequency, the paper's
             stated intent). See `picie_cluster_weights`.
-        kmeans_init_batches (`int`, *optional*, defaults to 20):
-            The mini-batch k-means of each epoch starts with k-means on the vectors of the first this many
-            clustering batches, then updates online (METHODS 2.3).
-        kmeans_iterations (`int`, *optional*, defaults to 20):
-            Lloyd iterations of that initial k-means (METHODS 2.3; the released COCO script passes 10, its
-            Cityscapes script 20).
-        kmeans_init_max_vectors (`int`, *optional*):
-            Cap on the vectors kept for the initial k-means (an even random share per batch); `None` keeps every
-            pixel of the first batches, as the released code does (about 33M vectors on COCO at batch 256).
-        cluster_batch_size (`int`, *optional*, defaults to 256):
-            Images per batch of the clustering and labelling passes.
-        learning_rate (`float`, *optional*, defaults to 1e-4):
-            Adam learning rate (1e-4 COCO, 1e-3 Cityscapes).
-        num_epochs (`int`, *optional*, defaults to 10):
-            Epochs; `max_steps` = `num_epochs` x batches per epoch unless `max_steps` is set.
-        max_steps (`int`, *optional*):
-            Training steps (overrides `num_epochs`).
-        batch_size (`int`, *optional*, defaults to 128):
-            Training batch size.
-        resolution (`int`, *optional*, defaults to 320):
-            Side of the two views fed to the network.
-        base_resolution_factor (`int`, *optional*, defaults to 2):
-            The views are cut from a center crop of side `resolution * base_resolution_factor` (bilinear resize of
-            the shorter side): PiCIE's res2 = 640 for res1 = 320. View 1 is a random crop of it resized to
-            `resolution`; view 2 the whole crop resized to `resolution`.
-        eval_resolution (`int`, *optional*, defaults to 320):
-            Evaluation resolution (shorter side + center crop), also used by the final re-clustering.
-        val_every (`int`, *optional*):
-            Validation interval in steps; `None` = once per epoch (as the released code).
-        final_recluster (`bool`, *optional*, defaults to `True`):
-            After training, re-cluster the training images without augmentation (at `eval_resolution`, center
-            crop) and keep those centroids (the paper's final evaluation).
-        brightness, contrast, saturation (`float`, *optional*, defaults to 0.3):
-            Factors ~ U(max(0, 1 - x), 1 + x), each applied with probability `color_jitter_probability`.
-        hue (`float`, *optional*, defaults to 0.1):
-            Hue shift ~ U(-x, x) (fraction of the hue circle), applied with probability `color_jitter_probability`.
-        color_jitter_probability (`float`, *optional*, defaults to 0.8):
-            Probability of each of the four colour changes (independently).
-        greyscale_probability (`float`, *optional*, defaults to 0.2):
-            Probability of turning the view grey.
-        blur_probability (`float`, *optional*, defaults to 0.5):
-            Probability of a Gaussian blur.
-        blur_radius_min, blur_radius_max (`float`, *optional*, defaults to 0.1 and 2.0):
-            Blur standard deviation in pixels of the base crop, ~ U(min, max).
-        crop_scale_min, crop_scale_max (`float`, *optional*, defaults to 0.5 and 1.0):
-            Side of the geometric crop relative to the image, ~ U(min, max).
-        flip_probability (`float`, *optional*, defaults to 0.5):
-            Probability of the horizontal flip of the geometric transform.
-        released_augmentation (`bool`, *optional*, defaults to `False`):
-            Reproduce the released code's augmentation bugs instead of the paper's list (METHODS 2.2): no
-            greyscale ever, blur radius |r| with r ~ U(min - (max - min) p / (1 - p), min) (U(-1.8, 0.1) for the
-            defaults), and view 1 fed to the network *without* its photometric change in the training pass (the
-            clustering passes use it).
-        is_fitted (`bool`, *optional*, defaults to `False`):
-            Whether the model's centroids were fitted (training sets it); an unfitted model refuses to predict.
 
     Example:
 
@@ -142,8 +122,8 @@ class PicieConfig(PreTrainedConfig):
     >>> config = PicieConfig()
     >>> config.backbone_config.model_type, config.backbone_config.out_features, config.fpn_dim
     ('resnet', ['stage1', 'stage2', 'stage3', 'stage4'], 128)
-    >>> PicieConfig.for_dataset("cityscapes27").learning_rate
-    0.001
+    >>> PicieConfig.for_dataset("cityscapes27").dataset_name
+    'cityscapes27'
     ```
     """
 
@@ -164,40 +144,9 @@ class PicieConfig(PreTrainedConfig):
     overclustering: bool = False
     num_overclusters: int = 100
     cluster_weighting: str = "frequency"
-    kmeans_init_batches: int = 20
-    kmeans_iterations: int = 20
-    kmeans_init_max_vectors: int | None = None
-    cluster_batch_size: int = 256
-
-    # Schedule
-    learning_rate: float = 1e-4
-    num_epochs: int = 10
-    max_steps: int | None = None
-    batch_size: int = 128
-    resolution: int = 320
-    base_resolution_factor: int = 2
-    eval_resolution: int = 320
-    val_every: int | None = None
-    final_recluster: bool = True
-
-    # Views (METHODS 2.2)
-    brightness: float = 0.3
-    contrast: float = 0.3
-    saturation: float = 0.3
-    hue: float = 0.1
-    color_jitter_probability: float = 0.8
-    greyscale_probability: float = 0.2
-    blur_probability: float = 0.5
-    blur_radius_min: float = 0.1
-    blur_radius_max: float = 2.0
-    crop_scale_min: float = 0.5
-    crop_scale_max: float = 1.0
-    flip_probability: float = 0.5
-    released_augmentation: bool = False
-
-    is_fitted: bool = False
 
     def __post_init__(self, **kwargs):
+        drop_legacy_training_fields(kwargs, LEGACY_TRAINING_FIELDS)
         if isinstance(self.backbone_config, dict) and "model_type" not in self.backbone_config:
             self.backbone_config = {"model_type": "resnet", **RESNET_18, **self.backbone_config}
         num_labels = kwargs.pop("num_labels", None)
@@ -222,56 +171,12 @@ class PicieConfig(PreTrainedConfig):
         check_pos_embed_interpolation(self.pos_embed_interpolation)
         if self.cluster_weighting not in _CLUSTER_WEIGHTINGS:
             raise ValueError(f"cluster_weighting must be one of {_CLUSTER_WEIGHTINGS}, got {self.cluster_weighting!r}")
-        positive = (
-            "fpn_dim",
-            "kmeans_init_batches",
-            "kmeans_iterations",
-            "cluster_batch_size",
-            "num_epochs",
-            "batch_size",
-            "resolution",
-            "base_resolution_factor",
-            "eval_resolution",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "val_every", "kmeans_init_max_vectors"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if self.fpn_dim < 1:
+            raise ValueError(f"fpn_dim must be >= 1, got {self.fpn_dim}")
         if self.num_clusters < 2:
             raise ValueError(f"num_clusters must be >= 2, got {self.num_clusters}")
         if self.overclustering and self.num_overclusters < 2:
             raise ValueError(f"num_overclusters must be >= 2, got {self.num_overclusters}")
-        if self.kmeans_init_max_vectors is not None and self.kmeans_init_max_vectors < self.num_clusters:
-            raise ValueError(
-                f"kmeans_init_max_vectors ({self.kmeans_init_max_vectors}) must be at least num_clusters "
-                f"({self.num_clusters})"
-            )
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("brightness", "contrast", "saturation", "blur_radius_min"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
-        for name in ("color_jitter_probability", "greyscale_probability", "blur_probability", "flip_probability"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.blur_radius_max < self.blur_radius_min:
-            raise ValueError(
-                f"blur_radius_max ({self.blur_radius_max}) must be >= blur_radius_min ({self.blur_radius_min})"
-            )
-        if not 0.0 < self.crop_scale_min <= self.crop_scale_max <= 1.0:
-            raise ValueError(
-                "crop scales must satisfy 0 < crop_scale_min <= crop_scale_max <= 1, got "
-                f"{self.crop_scale_min} and {self.crop_scale_max}"
-            )
-        if self.released_augmentation and self.blur_probability >= 1.0:
-            raise ValueError(
-                "released_augmentation draws the blur radius from the blur coin: blur_probability must be < 1"
-            )
 
     @property
     def is_token_backbone(self) -> bool:
@@ -280,15 +185,16 @@ class PicieConfig(PreTrainedConfig):
 
     @classmethod
     def for_dataset(cls, name: str, **overrides: Any) -> "PicieConfig":
-        """The released PiCIE setting for a benchmark: `"cocostuff27"` or `"cityscapes27"` (METHODS 2.4).
+        """The released PiCIE model for a benchmark: `"cocostuff27"` or `"cityscapes27"` (METHODS 2.4); the
+        training recipe's presets of the same names hold the training settings.
 
         Example:
 
         ```python
         >>> from hf_useg import PicieConfig
         >>> config = PicieConfig.for_dataset("cocostuff27", overclustering=True)
-        >>> config.learning_rate, config.num_overclusters
-        (0.0001, 100)
+        >>> config.num_clusters, config.num_overclusters
+        (27, 100)
         ```
         """
         if name not in _PRESETS:
@@ -296,12 +202,6 @@ class PicieConfig(PreTrainedConfig):
         kwargs = copy.deepcopy(_PRESETS[name])
         kwargs.update(overrides)
         return cls(**kwargs)
-
-    @classmethod
-    def float_fields(cls) -> tuple[str, ...]:
-        """Names of the float fields (a YAML `1` or a command-line `1e-3` string can be turned into floats for
-        them before the strict type check)."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.type is float)
 
 
 def _with_fpn_stages(config: PreTrainedConfig) -> PreTrainedConfig:

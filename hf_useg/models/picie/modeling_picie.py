@@ -195,8 +195,14 @@ class PicieForUnsupervisedSegmentation(PiciePreTrainedModel):
         self._check_fitted()
         return torch.log_softmax(self.cluster_logits(code), dim=1), None
 
+    @property
+    def is_fitted(self) -> bool:
+        """Whether the centroids were fitted (`set_centroids`, training, or loaded weights): the ``centroids``
+        buffer starts at zero and k-means centroids of normalised features never are all zero."""
+        return bool(self.centroids.any())
+
     def _check_fitted(self) -> None:
-        if not self.config.is_fitted:
+        if not self.is_fitted:
             raise ValueError(
                 "this PicieForUnsupervisedSegmentation has no fitted centroids: train it (the trainer's final "
                 "re-clustering sets them), call model.set_centroids(...), or load a trained model"
@@ -205,15 +211,16 @@ class PicieForUnsupervisedSegmentation(PiciePreTrainedModel):
     @torch.no_grad()
     def set_centroids(self, centroids: torch.Tensor) -> None:
         """Use ``centroids`` ``[num_clusters, fpn_dim]`` (k-means centroids of normalised features, not
-        re-normalised) for the logits, and mark the model fitted."""
+        re-normalised) for the logits; the model is then fitted."""
         if not isinstance(centroids, torch.Tensor):
             raise TypeError(f"centroids must be a torch.Tensor, got {type(centroids).__name__}")
         if tuple(centroids.shape) != tuple(self.centroids.shape):
             raise ValueError(f"centroids must be {list(self.centroids.shape)}, got {list(centroids.shape)}")
         if not torch.isfinite(centroids).all():
             raise ValueError("centroids must be finite")
+        if not centroids.any():
+            raise ValueError("centroids must not all be zero (zero centroids mean an unfitted model)")
         self.centroids.copy_(centroids.to(device=self.centroids.device, dtype=self.centroids.dtype))
-        self.config.is_fitted = True
 
     # ------------------------------------------------------------------------------------------------------------
     def forward(
@@ -246,7 +253,7 @@ class PicieForUnsupervisedSegmentation(PiciePreTrainedModel):
         features = self.backbone_feature_maps(pixel_values)
         raw = self.fpn(features)
         code = F.normalize(raw, dim=1)
-        logits = torch.log_softmax(self.cluster_logits(code.detach()), dim=1) if self.config.is_fitted else None
+        logits = torch.log_softmax(self.cluster_logits(code.detach()), dim=1) if self.is_fitted else None
         output = PicieSegmenterOutput(logits=logits, code=code, features=features[-1])
         if pixel_values_view2 is None:
             return output
