@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .trainer import RANDOM_BACKBONES, TrainingArguments, train
+from .training import RANDOM_BACKBONES, TrainingArguments, load_splits, load_training_arguments, train
 
 DEFAULT_BACKBONE = "random-vit-tiny"
 
@@ -95,12 +95,11 @@ def _write_overlays(model_dir: Path, args: TrainingArguments, output_dir: Path, 
     import hf_useg  # noqa: F401
 
     from .image_processing import UnsupervisedSegmentationImageProcessor
-    from .trainer import _load_splits
     from .visualization import color_palette, colorize, overlay, side_by_side
 
     model = AutoModel.from_pretrained(model_dir).eval()
     processor = UnsupervisedSegmentationImageProcessor.from_pretrained(model_dir)
-    _, val, num_classes, class_names = _load_splits(args)
+    _, val, num_classes, class_names = load_splits(args)
     palette = color_palette(max(num_classes, model.config.num_labels))
     paths = []
     for index in range(min(count, len(val))):
@@ -163,7 +162,8 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", steps: int | None = 
     )
     print(f"[hf_useg demo] data: {'generated synthetic scenes (not real data)' if synthetic else data}")
 
-    stego_args = TrainingArguments(
+    stego_args = load_training_arguments(
+        None,
         method="stego",
         output_dir=str(output_dir / "stego"),
         max_steps=steps or (150 if synthetic else 500),
@@ -175,7 +175,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", steps: int | None = 
         **common,
     )
     stego = train(stego_args)
-    kmeans_args = TrainingArguments(method="dino_kmeans", output_dir=str(output_dir / "kmeans"), **common)
+    kmeans_args = load_training_arguments(None, method="dino_kmeans", output_dir=str(output_dir / "kmeans"), **common)
     kmeans = train(kmeans_args)
 
     overlays = _write_overlays(Path(stego["model_dir"]), stego_args, output_dir)

@@ -44,7 +44,7 @@ TOKEN = "hf_test_token"
 @pytest.fixture(scope="module")
 def trained_model_dir(tmp_path_factory) -> Path:
     """A tiny STEGO model trained on the generated scenes, saved with its card and eval_results.json."""
-    from hf_useg.trainer import load_training_arguments, train
+    from hf_useg.training import load_training_arguments, train
 
     output_dir = tmp_path_factory.mktemp("stego-tiny")
     args = load_training_arguments(

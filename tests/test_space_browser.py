@@ -48,7 +48,7 @@ pytest.importorskip("gradio", reason="the Space needs gradio (pip install hf-use
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from hf_useg.trainer import load_training_arguments, train
+    from hf_useg.training import load_training_arguments, train
 
     output_dir = tmp_path_factory.mktemp("stego-tiny")
     args = load_training_arguments(

@@ -98,7 +98,7 @@ def test_training_with_calibrated_shifts_stores_them_in_the_config(tmp_path):
     import json
     from pathlib import Path
 
-    from hf_useg.trainer import load_training_arguments, train
+    from hf_useg.training import load_training_arguments, train
 
     tiny = Path(__file__).resolve().parents[1] / "training" / "configs" / "stego_tiny.yaml"
     summary = train(

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_useg.trainer import latest_checkpoint, load_training_arguments, train
+from hf_useg.training import latest_checkpoint, load_training_arguments, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "stego_tiny.yaml"

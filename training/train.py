@@ -6,64 +6,76 @@
         --backbone facebook/dino-vits8 --output_dir outputs/stego-camvid
     accelerate launch training/train.py --config ... --resume_from_checkpoint latest
 
-Options given on the command line override the YAML file; ``--set dim=70`` overrides a field of the method's
-config. Runs on one GPU, many GPUs (``--multi_gpu``), or the CPU, with ``--mixed_precision bf16`` when wanted.
+Options given on the command line override the YAML file. Besides the shared options, every method has its
+recipe options (``--method stego --help`` lists STEGO's: ``--head_learning_rate``, ``--cache_backbone_features``,
+...); ``--set dim=70`` overrides a field of the method's config (or a recipe option). Runs on one GPU, many GPUs
+(``--multi_gpu``), or the CPU, with ``--mixed_precision bf16`` when wanted.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import typing
 
 import yaml
+from transformers import HfArgumentParser
 
-from hf_useg.trainer import TrainingArguments, load_training_arguments, train
-
-
-def _parse_value(text: str):
-    return yaml.safe_load(text)
+from hf_useg.registry import get_method, method_names
+from hf_useg.training import TrainingArguments, load_training_arguments, train
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file with TrainingArguments keys")
+def build_parser(method: str | None) -> HfArgumentParser:
+    """The shared `TrainingArguments` and, when the method is known, its recipe options, plus ``--config`` and
+    ``--set``. Every default is suppressed: only what the command line gives overrides the YAML file."""
+    dataclasses = [TrainingArguments]
+    if method is not None:
+        dataclasses.append(get_method(method).load_recipe_class().options_class)
+    parser = HfArgumentParser(dataclasses, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for action in parser._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    parser.add_argument("--config", help="YAML file of training options (see training/configs)")
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a field of the method config",
+        help="override a field of the method config (or a recipe option); VALUE is read as YAML",
     )
-    hints = typing.get_type_hints(TrainingArguments)
-    for field in dataclasses.fields(TrainingArguments):
-        if field.name == "model":
-            continue
-        hint = str(hints[field.name])
-        if "bool" in hint:
-            parser.add_argument(f"--{field.name}", type=lambda s: bool(_parse_value(s)), default=None, metavar="BOOL")
-        elif "list" in hint:
-            parser.add_argument(f"--{field.name}", nargs="+", default=None)
-        elif "int" in hint:
-            parser.add_argument(f"--{field.name}", type=int, default=None)
-        else:
-            parser.add_argument(f"--{field.name}", default=None)
     return parser
 
 
+def _method(argv: list[str]) -> str | None:
+    """The method named by ``--method`` or by the ``--config`` file (None when neither names one)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.method:
+        return known.method
+    if known.config:
+        loaded = yaml.safe_load(open(known.config).read()) or {}
+        return loaded.get("method", "stego") if isinstance(loaded, dict) else None
+    return "stego"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    method = _method(argv)
+    if method not in method_names():
+        method = None  # TrainingArguments names the valid methods
+    parser = build_parser(method)
     options = vars(parser.parse_args(argv))
-    config_path = options.pop("config")
-    model_overrides = {}
+    config_path = options.pop("config", None)
+    model = options.pop("model", {})
+    model = json.loads(model) if isinstance(model, str) else dict(model)
     for item in options.pop("set"):
         if "=" not in item:
             parser.error(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        model_overrides[key] = _parse_value(value)
-    args = load_training_arguments(config_path, model=model_overrides or None, **options)
+        model[key] = yaml.safe_load(value)  # recipe options among them are routed to the recipe
+    args = load_training_arguments(config_path, model=model or None, **options)
     summary = train(args)
     table = summary.pop("per_class_table", None)
     if table:

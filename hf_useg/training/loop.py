@@ -152,9 +152,7 @@ def train(args: TrainingArguments) -> dict[str, Any]:
         log_with=args.report_to or None,
         project_dir=str(output_dir),
         kwargs_handlers=[
-            DistributedDataParallelKwargs(
-                find_unused_parameters=recipe.find_unused_parameters or not has_train_labels
-            )
+            DistributedDataParallelKwargs(find_unused_parameters=recipe.find_unused_parameters or not has_train_labels)
         ],
     )
     model, backbone_description = build_model(args, recipe, num_classes)
@@ -235,8 +233,9 @@ def train(args: TrainingArguments) -> dict[str, Any]:
             if step % args.log_every == 0 or step == max_steps:
                 values = _reduce(logged, accelerator)
                 if not math.isfinite(values["train/loss"]):
+                    loss = values["train/loss"]
                     raise FloatingPointError(
-                        f"the training loss became {values['train/loss']} at step {step}; the last checkpoint is intact"
+                        f"the training loss became {loss} at step {step}; the last checkpoint is intact"
                     )
                 log(values, step)
                 recipe.on_log(values, step)
@@ -315,7 +314,10 @@ def _reduce(logged: dict[str, list], accelerator) -> dict[str, float]:
     """Mean over the micro-batches of a step and over processes, as ``train/<name>`` floats."""
     names = list(logged)
     means = torch.stack(
-        [torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu() for v in logged[n]]).mean() for n in names]
+        [
+            torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu() for v in logged[n]]).mean()
+            for n in names
+        ]
     )
     if accelerator.num_processes > 1:
         means = accelerator.reduce(means.to(accelerator.device), reduction="mean").cpu()

@@ -327,13 +327,16 @@ class Recipe(abc.ABC):
         return {}
 
     def before_optimizer_step(self, model, optimizer, step: int) -> None:
-        """After backward (gradients unscaled), before the optimizer step."""
+        """After backward, before the optimizer step ``step`` (0-based): set scheduled values, edit gradients."""
+        return None
 
     def after_optimizer_step(self, model, step: int) -> None:
-        """After the optimizer step (``step`` is the number of completed steps)."""
+        """After the optimizer step ``step`` (0-based), e.g. an EMA update."""
+        return None
 
     def on_log(self, logs: dict[str, float], step: int) -> None:
         """Called with the values logged at a logging step (reduced over processes)."""
+        return None
 
     def finalize(self, model) -> dict[str, Any]:
         """After the last step, before the final evaluation; returns values for the run summary."""

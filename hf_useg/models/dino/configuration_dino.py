@@ -36,8 +36,9 @@ class DinoSegmentationConfig(PreTrainedConfig):
         attention_threshold (`float`, *optional*, defaults to 0.6):
             Fraction of a head's CLS-attention mass kept by its mask (the largest weights until their sum reaches
             it).
-        is_fitted (`bool`, *optional*, defaults to `False`):
-            Set by `fit`; an unfitted model refuses to predict.
+
+    Whether the centroids are fitted is model state (the model's `is_fitted` buffer, set by `fit` and saved with
+    the weights), not a config field; an older `config.json` with `"is_fitted": true` still loads as fitted.
 
     Example:
 
@@ -59,7 +60,6 @@ class DinoSegmentationConfig(PreTrainedConfig):
     logit_scale: float = 2.0
     mode: str = "kmeans"
     attention_threshold: float = 0.6
-    is_fitted: bool = False
     backbone_name: str | None = None
 
     def __post_init__(self, **kwargs):

@@ -140,8 +140,23 @@ class DinoForUnsupervisedSegmentation(DinoPreTrainedModel):
         self.cluster_probe.clusters.requires_grad_(False)
         self.post_init()
 
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        if module is getattr(self, "cluster_probe", None):
+            module.clusters.data.zero_()  # no centroids until `fit`: zero centroids mean "not fitted"
+        else:
+            super()._init_weights(module)
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether the centroids are fitted: derived from them (all zero until `fit`). A `config.json` written
+        before this property existed carries an ``is_fitted`` flag instead, which is honoured."""
+        legacy = getattr(self.config, "is_fitted", None)
+        if legacy is not None:
+            return bool(legacy)
+        return bool(self.cluster_probe.clusters.detach().abs().sum() > 0)
+
     def _check_fitted(self) -> None:
-        if not self.config.is_fitted:
+        if not self.is_fitted:
             raise ValueError(
                 "this DinoForUnsupervisedSegmentation has no fitted centroids: call model.fit(batches) on your "
                 "images first (or load a fitted model with from_pretrained)"
@@ -165,7 +180,7 @@ class DinoForUnsupervisedSegmentation(DinoPreTrainedModel):
         features = self.compute_code(pixel_values)
         logits = self.cluster_probe.log_probs(features, alpha=self.config.logit_scale)
         loss = None
-        if self.config.is_fitted:
+        if self.is_fitted:
             loss = (1.0 - self.cluster_probe.cosine(features).max(1).values).mean()
         return UnsupervisedSegmenterOutput(loss=loss, logits=logits, code=features, features=features)
 
@@ -218,7 +233,8 @@ class DinoForUnsupervisedSegmentation(DinoPreTrainedModel):
             seed=seed,
         )
         self.cluster_probe.clusters.copy_(result.centroids.to(self.cluster_probe.clusters.dtype))
-        self.config.is_fitted = True
+        if getattr(self.config, "is_fitted", None) is not None:
+            self.config.is_fitted = True  # a model loaded from an older config.json keeps its flag truthful
         return result
 
     # ----------------------------------------------------------------------------------------------------------

@@ -1,7 +1,5 @@
 """STEGO model configuration (METHODS 1)."""
 
-from __future__ import annotations
-
 import copy
 from typing import Any
 
@@ -10,6 +8,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from ...backbones import check_pos_embed_interpolation, dino_vit_kwargs
+from ...modeling_utils import drop_legacy_training_fields
 
 __all__ = ["StegoConfig"]
 
@@ -29,9 +28,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "dataset_name": "cocostuff27",
         "num_classes": 27,
         "dim": 90,
-        "max_steps": 7000,
-        "batch_size": 32,
-        "five_crop": True,
         "pointwise": True,
         "neg_inter_weight": 0.1538476246415498,
         "pos_inter_weight": 1.0,
@@ -46,9 +42,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "dataset_name": "cityscapes27",
         "num_classes": 27,
         "dim": 100,
-        "max_steps": 7000,
-        "batch_size": 32,
-        "five_crop": True,
         "pointwise": False,
         "neg_inter_weight": 0.9058762625226623,
         "pos_inter_weight": 0.577453483136995,
@@ -63,9 +56,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "dataset_name": "potsdam3",
         "num_classes": 3,
         "dim": 70,
-        "max_steps": 5000,
-        "batch_size": 16,
-        "five_crop": False,
         "pointwise": True,
         "neg_inter_weight": 0.63,
         "pos_inter_weight": 0.25,
@@ -76,35 +66,20 @@ _PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Field kinds checked in `__post_init__`. `@strict` cannot check them itself: with postponed annotations the
-# field types are strings, which huggingface_hub's validator skips.
-_FLOAT_FIELDS = (
-    "dropout",
-    "correspondence_weight",
-    "pos_intra_weight",
-    "pos_inter_weight",
-    "neg_inter_weight",
-    "pos_intra_shift",
-    "pos_inter_shift",
-    "neg_inter_shift",
-    "crop_ratio",
-    "head_learning_rate",
-    "probe_learning_rate",
-)
-_INT_FIELDS = (
-    "dim",
-    "num_classes",
-    "extra_clusters",
-    "feature_samples",
-    "neg_samples",
+# Training settings that configs written before the recipes carried; they live in
+# `hf_useg.models.stego.training_stego.StegoTrainingOptions` now.
+LEGACY_TRAINING_FIELDS = (
     "num_neighbors",
+    "five_crop",
+    "crop_ratio",
     "resolution",
     "eval_resolution",
+    "head_learning_rate",
+    "probe_learning_rate",
     "max_steps",
     "batch_size",
     "val_every",
 )
-_BOOL_FIELDS = ("pointwise", "zero_clamp", "stabilize", "five_crop")
 
 
 @strict
@@ -158,27 +133,10 @@ class StegoConfig(PreTrainedConfig):
             S: each image is sampled at S x S random points.
         neg_samples (`int`, *optional*, defaults to 5):
             Random (negative) pairings drawn per step.
-        num_neighbors (`int`, *optional*, defaults to 7):
-            The kNN partner is drawn among the `num_neighbors` nearest neighbours (rank 0, the item itself,
-            excluded).
-        five_crop (`bool`, *optional*, defaults to `True`):
-            Train on the five crops of each image (METHODS 0.5).
-        crop_ratio (`float`, *optional*, defaults to 0.5):
-            Side of each of the five crops relative to the image.
-        resolution (`int`, *optional*, defaults to 224):
-            Training resolution.
-        eval_resolution (`int`, *optional*, defaults to 320):
-            Evaluation resolution (shorter side resize + center crop).
-        head_learning_rate (`float`, *optional*, defaults to 5e-4):
-            Adam learning rate of the segmentation head.
-        probe_learning_rate (`float`, *optional*, defaults to 5e-3):
-            Adam learning rate of the cluster and linear probes.
-        max_steps (`int`, *optional*, defaults to 7000):
-            Training steps.
-        batch_size (`int`, *optional*, defaults to 32):
-            Training batch size.
-        val_every (`int`, *optional*, defaults to 100):
-            Validation interval in steps.
+
+    Training settings (learning rates, steps, batch size, five-crop, kNN partners) are the recipe's:
+    `hf_useg.models.stego.training_stego.StegoTrainingOptions` and `training/configs/stego_*.yaml`. Keys of
+    those settings in an older `config.json` are ignored.
 
     Example:
 
@@ -209,33 +167,21 @@ class StegoConfig(PreTrainedConfig):
     num_classes: int = 27
     extra_clusters: int = 0
     projection_type: str = "nonlinear"
-    dropout: float = 0.1
+    dropout: float | int = 0.1
 
     # Correlation loss
-    correspondence_weight: float = 1.0
-    pos_intra_weight: float = 0.1
-    pos_inter_weight: float = 1.0
-    neg_inter_weight: float = 0.1538476246415498
-    pos_intra_shift: float = 0.12
-    pos_inter_shift: float = 0.2
-    neg_inter_shift: float = 1.0
+    correspondence_weight: float | int = 1.0
+    pos_intra_weight: float | int = 0.1
+    pos_inter_weight: float | int = 1.0
+    neg_inter_weight: float | int = 0.1538476246415498
+    pos_intra_shift: float | int = 0.12
+    pos_inter_shift: float | int = 0.2
+    neg_inter_shift: float | int = 1.0
     pointwise: bool = True
     zero_clamp: bool = True
     stabilize: bool = False
     feature_samples: int = 11
     neg_samples: int = 5
-
-    # Data and training
-    num_neighbors: int = 7
-    five_crop: bool = True
-    crop_ratio: float = 0.5
-    resolution: int = 224
-    eval_resolution: int = 320
-    head_learning_rate: float = 5e-4
-    probe_learning_rate: float = 5e-3
-    max_steps: int = 7000
-    batch_size: int = 32
-    val_every: int = 100
 
     def __post_init__(self, **kwargs):
         if "stabalize" in kwargs:
@@ -243,7 +189,7 @@ class StegoConfig(PreTrainedConfig):
         if isinstance(self.backbone_config, dict) and "model_type" not in self.backbone_config:
             # Overrides of the default DINO ViT-B/8 (so a partial dict keeps DINO's LayerNorm eps, not ViT's).
             self.backbone_config = {"model_type": "vit", **DINO_VIT_BASE_8, **self.backbone_config}
-        self._check_field_types()
+        drop_legacy_training_fields(kwargs, LEGACY_TRAINING_FIELDS)
         self._check_values()
 
         num_clusters = self.num_clusters
@@ -265,26 +211,6 @@ class StegoConfig(PreTrainedConfig):
         if self.label2id is None:
             self.label2id = {name: i for i, name in self.id2label.items()}
 
-    def _check_field_types(self) -> None:
-        for name in _FLOAT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"StegoConfig.{name} must be a number, got {value!r} ({type(value).__name__})")
-            if isinstance(value, int):
-                setattr(self, name, float(value))
-        for name in _INT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"StegoConfig.{name} must be an int, got {value!r} ({type(value).__name__})")
-        for name in _BOOL_FIELDS:
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise TypeError(f"StegoConfig.{name} must be a bool, got {value!r} ({type(value).__name__})")
-        for name in ("backbone_name", "dataset_name"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise TypeError(f"StegoConfig.{name} must be a str or None, got {value!r}")
-
     def _check_values(self) -> None:
         if self.projection_type not in _PROJECTION_TYPES:
             raise ValueError(f"projection_type must be one of {_PROJECTION_TYPES}, got {self.projection_type!r}")
@@ -297,23 +223,9 @@ class StegoConfig(PreTrainedConfig):
             raise ValueError(f"extra_clusters must be >= 0, got {self.extra_clusters}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 < self.crop_ratio <= 1.0:
-            raise ValueError(f"crop_ratio must be in (0, 1], got {self.crop_ratio}")
-        for name in (
-            "feature_samples",
-            "neg_samples",
-            "num_neighbors",
-            "resolution",
-            "eval_resolution",
-            "max_steps",
-            "batch_size",
-            "val_every",
-        ):
+        for name in ("feature_samples", "neg_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("head_learning_rate", "probe_learning_rate"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def num_clusters(self) -> int:
@@ -321,7 +233,7 @@ class StegoConfig(PreTrainedConfig):
         return self.num_classes + self.extra_clusters
 
     @classmethod
-    def for_dataset(cls, name: str, **overrides: Any) -> StegoConfig:
+    def for_dataset(cls, name: str, **overrides: Any) -> "StegoConfig":
         """The configuration of STEGO's released model for a benchmark (METHODS 1.2 table).
 
         Args:
@@ -334,9 +246,9 @@ class StegoConfig(PreTrainedConfig):
 
         ```python
         >>> from hf_useg import StegoConfig
-        >>> config = StegoConfig.for_dataset("cityscapes27", max_steps=100)
-        >>> config.dim, config.pointwise, config.max_steps
-        (100, False, 100)
+        >>> config = StegoConfig.for_dataset("cityscapes27", extra_clusters=3)
+        >>> config.dim, config.pointwise, config.num_clusters
+        (100, False, 30)
         ```
         """
         if name not in _PRESETS:

@@ -1,36 +1,45 @@
-"""STEGO's training recipe for `hf_useg.trainer` (METHODS 1.2): kNN positives from the frozen backbone's global
-descriptors (cached on disk), Adam on the head (lr 5e-4) and on both probes (lr 5e-3), no schedule."""
+"""STEGO's training recipe for the shared loop (METHODS 1.2): kNN positives from the frozen backbone's global
+descriptors (cached on disk), Adam on the head (lr 5e-4) and on both probes (lr 5e-3), no schedule; and the
+helpers it is made of (kNN table, feature cache, shift calibration)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ...data.processing import ProcessedSegmentationDataset, collate_segmentation_batch
+from ...file_utils import atomic_file
+from ...training.recipe import (
+    BatchIndex,
+    Recipe,
+    RecipeOptions,
+    StepBatchSampler,
+    TrainingStepOutput,
+    step_generator,
+)
 from .configuration_stego import StegoConfig
 from .modeling_stego import StegoForUnsupervisedSegmentation
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FeatureCache", "build_model", "calibrate_shifts", "compute_feature_cache", "compute_knn_table", "train"]
-
-
-def build_model(args, backbone_config, num_classes: int) -> StegoForUnsupervisedSegmentation:
-    overrides = {"num_classes": num_classes, **args.model}
-    if args.preset:
-        config = StegoConfig.for_dataset(args.preset, **overrides)
-        config.backbone_config = backbone_config
-    else:
-        config = StegoConfig(backbone_config=backbone_config, **overrides)
-    return StegoForUnsupervisedSegmentation(config)
+__all__ = [
+    "FeatureCache",
+    "StegoPairCollator",
+    "StegoPairs",
+    "StegoRecipe",
+    "StegoTrainingOptions",
+    "calibrate_shifts",
+    "compute_feature_cache",
+    "compute_knn_table",
+]
 
 
 def _knn_cache_key(
@@ -96,9 +105,8 @@ def compute_knn_table(
             table = nearest_neighbors(torch.cat(descriptors), k)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(table, tmp)
-            os.replace(tmp, path)
+            with atomic_file(path) as tmp:
+                torch.save(table, tmp)
     accelerator.wait_for_everyone()
     if table is None:
         if path is None:
@@ -192,36 +200,171 @@ def compute_feature_cache(
     return cache
 
 
-def train(context) -> StegoForUnsupervisedSegmentation:
-    args, schedule, accelerator = context.args, context.schedule, context.accelerator
-    model: StegoForUnsupervisedSegmentation = context.model
-    config = model.config
-    train_set = context.train_set
-    if schedule["five_crop"]:
-        from ...data import expand_five_crops
+@dataclass
+class StegoTrainingOptions(RecipeOptions):
+    """STEGO's training settings (METHODS 1.2); the defaults are the COCO-Stuff-27 release, ``presets`` the others.
 
-        train_set = expand_five_crops(train_set, ratio=config.crop_ratio)
-    items = context.train_items(dataset=train_set)
-    cache = None
-    if args.cache_backbone_features:
-        cache = compute_feature_cache(
-            model, items, batch_size=args.eval_batch_size, device=accelerator.device, progress=context.show_progress
+    Args:
+        five_crop: train on the five crops of each image (METHODS 0.5), ``crop_ratio`` of the image side each.
+        num_neighbors: the kNN partner of an item is drawn among its ``num_neighbors`` nearest neighbours (rank 0,
+            the item itself, excluded), from a table of ``knn_k`` neighbours cached under ``knn_cache_dir``
+            (default ``<output_dir>/knn_cache``).
+        head_learning_rate, probe_learning_rate: Adam learning rates of the segmentation head and of both probes.
+        cache_backbone_features: run the frozen backbone once over the training set instead of twice per step.
+        calibrate_shifts: set the positive shifts to the backbone's median feature correlations
+            ([`calibrate_shifts`]) — for backbones other than DINO ViT-B/8.
+
+    Example:
+
+    ```python
+    >>> StegoTrainingOptions.from_preset("potsdam3").batch_size
+    16
+    ```
+    """
+
+    max_steps: int | None = 7000
+    batch_size: int = 32
+    resolution: int = 224
+    eval_resolution: int = 320
+    val_every: int | None = 100
+    five_crop: bool = True
+    crop_ratio: float = 0.5
+    num_neighbors: int = 7
+    knn_k: int = 30
+    knn_cache_dir: str | None = None
+    head_learning_rate: float = 5e-4
+    probe_learning_rate: float = 5e-3
+    cache_backbone_features: bool = False
+    calibrate_shifts: bool = False
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "cocostuff27": {"max_steps": 7000, "batch_size": 32, "five_crop": True},
+        "cityscapes27": {"max_steps": 7000, "batch_size": 32, "five_crop": True},
+        "potsdam3": {"max_steps": 5000, "batch_size": 16, "five_crop": False},
+    }
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.crop_ratio <= 1.0:
+            raise ValueError(f"crop_ratio must be in (0, 1], got {self.crop_ratio}")
+        if self.num_neighbors < 1 or self.knn_k < 2:
+            raise ValueError(f"num_neighbors must be >= 1 and knn_k >= 2, got {self.num_neighbors}, {self.knn_k}")
+        if self.head_learning_rate <= 0 or self.probe_learning_rate <= 0:
+            raise ValueError("head_learning_rate and probe_learning_rate must be > 0")
+
+
+class StegoPairs(Dataset):
+    """Training pairs for the loop's batches: each [`BatchIndex`] gives its item and the item's kNN partner, drawn
+    from the step's generator (``randint(1, num_neighbors + 1)`` per position of the batch) — in the DataLoader's
+    workers. Items are the processed images, or only their indices when a feature cache stands in for the
+    backbone (`StegoPairCollator` then gathers the cached maps)."""
+
+    def __init__(
+        self,
+        items: ProcessedSegmentationDataset,
+        knn: torch.Tensor,
+        num_neighbors: int,
+        cache: FeatureCache | None = None,
+    ):
+        self.items, self.knn, self.num_neighbors, self.cache = items, knn, num_neighbors, cache
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: BatchIndex) -> dict[str, Any]:
+        rank = torch.randint(1, self.num_neighbors + 1, (key.batch_size,), generator=step_generator(key))[key.position]
+        item = {"index": key.index, "partner": int(self.knn[key.index, rank])}
+        if self.cache is None:
+            anchor = self.items[key.index]
+            item["pixel_values"] = anchor["pixel_values"]
+            item["pixel_values_pos"] = self.items[item["partner"]]["pixel_values"]
+            if "labels" in anchor:
+                item["labels"] = anchor["labels"]
+        return item
+
+
+class StegoPairCollator:
+    """Stacks a batch of [`StegoPairs`] items into the model's inputs (with a cache: its maps of the items and of
+    their partners, gathered at once)."""
+
+    def __init__(self, cache: FeatureCache | None = None):
+        self.cache = cache
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.cache is not None:
+            indices = [item["index"] for item in items]
+            batch = {
+                "backbone_features": self.cache.features[indices],
+                "backbone_features_pos": self.cache.features[[item["partner"] for item in items]],
+            }
+            if self.cache.labels is not None:
+                batch["labels"] = self.cache.labels[indices].long()
+            return batch
+        keys = [key for key in items[0] if key not in ("index", "partner")]
+        return {key: torch.stack([item[key] for item in items]) for key in keys}
+
+
+class StegoRecipe(Recipe):
+    """STEGO (METHODS 1.2): a segmentation head on a frozen backbone, trained with the feature-correspondence loss
+    on pairs of an item and one of its kNN partners (global descriptors of the frozen backbone, computed once and
+    cached on disk), and both probes; Adam on the head and on the probes, no schedule.
+
+    Before training, `setup` expands five crops, optionally caches the backbone's feature maps, builds the kNN
+    table and, with ``calibrate_shifts``, sets the positive shifts of the model's config to the backbone's median
+    correlations.
+    """
+
+    options_class = StegoTrainingOptions
+    progress_name = "train stego"
+    options: StegoTrainingOptions
+
+    def build_model(self, backbone_config, num_classes: int) -> StegoForUnsupervisedSegmentation:
+        overrides = {"num_classes": num_classes, **self.args.model}
+        if self.args.preset:
+            config = StegoConfig.for_dataset(self.args.preset, **overrides)
+            config.backbone_config = backbone_config
+        else:
+            config = StegoConfig(backbone_config=backbone_config, **overrides)
+        return StegoForUnsupervisedSegmentation(config)
+
+    def setup(self, model: StegoForUnsupervisedSegmentation, run) -> None:
+        super().setup(model, run)
+        options, accelerator = self.options, run.accelerator
+        train_set = run.train_set
+        if options.five_crop:
+            from ...data import expand_five_crops
+
+            train_set = expand_five_crops(train_set, ratio=options.crop_ratio)
+        items = ProcessedSegmentationDataset(train_set, run.train_processor, run.num_classes)
+        cache = None
+        if options.cache_backbone_features:
+            cache = compute_feature_cache(
+                model,
+                items,
+                batch_size=self.args.eval_batch_size,
+                device=accelerator.device,
+                progress=run.show_progress,
+            )
+        knn = compute_knn_table(
+            model,
+            items,
+            resolution=options.resolution,
+            k=options.knn_k,
+            five_crop=options.five_crop,
+            cache_dir=options.knn_cache_dir or (run.output_dir / "knn_cache"),
+            batch_size=self.args.eval_batch_size,
+            accelerator=accelerator,
+            progress=run.show_progress,
+            source_fingerprint=getattr(run.train_set, "_fingerprint", None),
+            features=None if cache is None else cache.features,
         )
-    knn = compute_knn_table(
-        model,
-        items,
-        resolution=schedule["resolution"],
-        k=args.knn_k,
-        five_crop=schedule["five_crop"],
-        cache_dir=args.knn_cache_dir or (context.output_dir / "knn_cache"),
-        batch_size=args.eval_batch_size,
-        accelerator=accelerator,
-        progress=context.show_progress,
-        source_fingerprint=getattr(context.train_set, "_fingerprint", None),
-        features=None if cache is None else cache.features,
-    )
-    num_neighbors = max(1, min(config.num_neighbors, knn.shape[1] - 1))
-    if args.calibrate_shifts:
+        num_neighbors = max(1, min(options.num_neighbors, knn.shape[1] - 1))
+        if options.calibrate_shifts:
+            self._calibrate(model, items, knn, cache)
+        self.pairs = StegoPairs(items, knn, num_neighbors, cache)
+
+    def _calibrate(self, model, items, knn: torch.Tensor, cache: FeatureCache | None) -> None:
+        config = model.config
         step = max(1, len(items) // 64)
         sample = list(range(0, len(items), step))[:64]
         partners = knn[torch.as_tensor(sample), 1].tolist()
@@ -230,70 +373,41 @@ def train(context) -> StegoForUnsupervisedSegmentation:
         else:
             features, partner_features = (
                 model.extract_features(
-                    collate_segmentation_batch([items[i] for i in chosen])["pixel_values"].to(accelerator.device)
+                    collate_segmentation_batch([items[i] for i in chosen])["pixel_values"].to(self.run.device)
                 ).cpu()
                 for chosen in (sample, partners)
             )
         shifts = calibrate_shifts(
-            features, pointwise=config.pointwise, seed=args.seed, partner_features=partner_features
+            features, pointwise=config.pointwise, seed=self.args.seed, partner_features=partner_features
         )
         config.pos_intra_shift, config.pos_inter_shift = shifts["pos_intra_shift"], shifts["pos_inter_shift"]
-        accelerator.print(f"calibrated STEGO shifts to the backbone: {shifts}")
-    steps = schedule["max_steps"]
-    sampler = context.sampler(len(items), schedule["batch_size"])
-    optimizer = torch.optim.Adam(
-        [
-            {"params": list(model.segmentation_head.parameters()), "lr": config.head_learning_rate},
-            {
-                "params": list(model.cluster_probe.parameters()) + list(model.linear_probe.parameters()),
-                "lr": config.probe_learning_rate,
-            },
-        ]
-    )
-    prepared, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(prepared)
-    context.resume()
+        self.run.accelerator.print(f"calibrated STEGO shifts to the backbone: {shifts}")
 
-    state = context.state
-    progress = tqdm(total=steps, initial=state["step"], desc="train stego", disable=not context.show_progress)
-    while state["step"] < steps:
-        epoch, first = divmod(state["step"], sampler.batches_per_epoch)
-        sampler.start(epoch, first)
-        for indices in sampler:
-            step = state["step"]
-            generator = context.seed_step(step)
-            ranks = torch.randint(1, num_neighbors + 1, (len(indices),), generator=generator)
-            partners = knn[torch.as_tensor(indices), ranks].tolist()
-            prepared.train()
-            if cache is not None:
-                labels = cache.labels[indices].long() if cache.labels is not None else None
-                inputs = {
-                    "backbone_features": cache.features[indices],
-                    "backbone_features_pos": cache.features[partners],
-                    "labels": labels,
-                }
-            else:
-                batch = collate_segmentation_batch([items[i] for i in indices])
-                positives = collate_segmentation_batch([items[i] for i in partners])
-                inputs = {
-                    "pixel_values": batch["pixel_values"],
-                    "pixel_values_pos": positives["pixel_values"],
-                    "labels": batch.get("labels"),
-                }
-            output = prepared(**{k: v.to(accelerator.device) if v is not None else None for k, v in inputs.items()})
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(output.loss)
-            optimizer.step()
-            state["step"] = step = step + 1
-            progress.update(1)
-            context.log_step(
-                output,
-                step,
-                ("correlation_loss", "pos_intra", "pos_inter", "neg_inter", "cluster_probe_loss", "linear_probe_loss"),
-                progress,
-            )
-            context.after_step(unwrapped, step)
-            if step >= steps:
-                break
-    progress.close()
-    return unwrapped
+    @property
+    def num_train_items(self) -> int:
+        return len(self.pairs)
+
+    def make_optimizer(self, model: StegoForUnsupervisedSegmentation) -> torch.optim.Optimizer:
+        return torch.optim.Adam(
+            [
+                {"params": list(model.segmentation_head.parameters()), "lr": self.options.head_learning_rate},
+                {
+                    "params": list(model.cluster_probe.parameters()) + list(model.linear_probe.parameters()),
+                    "lr": self.options.probe_learning_rate,
+                },
+            ]
+        )
+
+    def train_dataloader(self, batches: StepBatchSampler) -> DataLoader:
+        return DataLoader(
+            self.pairs,
+            batch_sampler=batches,
+            collate_fn=StegoPairCollator(self.pairs.cache),
+            num_workers=self.args.num_workers,
+        )
+
+    def training_step(self, model, batch: dict[str, torch.Tensor]) -> TrainingStepOutput:
+        output = model(**batch)
+        names = ("correlation_loss", "pos_intra", "pos_inter", "neg_inter", "cluster_probe_loss", "linear_probe_loss")
+        logs = {name: getattr(output, name).detach() for name in names if getattr(output, name, None) is not None}
+        return TrainingStepOutput(loss=output.loss, logs=logs)

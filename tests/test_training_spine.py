@@ -1,0 +1,164 @@
+"""The shared training spine: arguments and their routing, the deterministic sampler, the registry, workers,
+and configs written before the recipes existed."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_useg.registry import get_method, method_for_model_type, method_names
+from hf_useg.training import (
+    BatchIndex,
+    Recipe,
+    StepBatchSampler,
+    load_training_arguments,
+    resolve_recipe_options,
+    step_generator,
+    step_seed,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+STEGO_TINY = REPO / "training" / "configs" / "stego_tiny.yaml"
+
+
+def test_every_method_is_registered_once_with_loadable_classes():
+    assert set(method_names()) >= {"stego", "picie", "iic", "dino_kmeans", "dino_pretrain"}
+    for name in method_names():
+        spec = get_method(name)
+        config_class, model_class = spec.load_config_class(), spec.load_model_class()
+        assert config_class.model_type == spec.model_type
+        assert model_class.config_class is config_class
+        assert issubclass(spec.load_recipe_class(), Recipe)
+        assert method_for_model_type(spec.model_type) is spec
+    with pytest.raises(ValueError, match="method must be one of"):
+        get_method("segformer")
+
+
+def test_flat_options_are_routed_to_the_recipe_and_config_fields_to_the_model(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "method: stego\nmax_steps: 5\nmodel:\n  dim: 16\n  head_learning_rate: 0.001\nrecipe:\n  knn_k: 4\n"
+    )
+    args = load_training_arguments(config, batch_size=2, model={"pointwise": False})
+    # head_learning_rate under model: is a training setting of older files: it goes to the recipe
+    assert args.model == {"dim": 16, "pointwise": False}
+    assert args.recipe == {"max_steps": 5, "head_learning_rate": 0.001, "knn_k": 4, "batch_size": 2}
+    options = resolve_recipe_options(args)
+    assert (options.max_steps, options.batch_size, options.head_learning_rate) == (5, 2, 1e-3)
+    assert isinstance(options.head_learning_rate, float)
+
+
+def test_presets_give_the_published_schedule_and_overrides_win():
+    args = load_training_arguments(None, method="stego", preset="potsdam3")
+    options = resolve_recipe_options(args)
+    assert (options.max_steps, options.batch_size, options.five_crop) == (5000, 16, False)
+    options = resolve_recipe_options(load_training_arguments(None, method="stego", preset="potsdam3", max_steps=3))
+    assert options.max_steps == 3
+
+
+def test_bad_options_are_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: stego\nlearning_rate_typo: 3\n")
+    with pytest.raises(ValueError, match="learning_rate_typo"):
+        load_training_arguments(bad)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        resolve_recipe_options(load_training_arguments(None, batch_size=0))
+    with pytest.raises(ValueError, match="head_learning_rate must be a number"):
+        resolve_recipe_options(load_training_arguments(None, head_learning_rate="fast"))
+    with pytest.raises(ValueError, match="unknown preset"):
+        type(resolve_recipe_options(load_training_arguments(None))).from_preset("nope")
+
+
+def test_sampler_is_deterministic_resumable_and_split_over_processes():
+    sampler = StepBatchSampler(10, batch_size=2, seed=3)
+    first = [[item.index for item in batch] for batch in sampler]
+    assert len(first) == 5 and sorted(sum(first, [])) == list(range(10))
+    sampler.start(epoch=0, first_batch=3)
+    assert [[item.index for item in batch] for batch in sampler] == first[3:]
+    batch = next(iter(sampler))
+    assert [item.step for item in batch] == [3, 3] and [item.position for item in batch] == [0, 1]
+    assert batch[0].seed == step_seed(3, 3, 0)
+    ranks = [StepBatchSampler(10, batch_size=2, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    shares = [[[item.index for item in b] for b in s] for s in ranks]
+    assert len(shares[0]) == 2 and not set(sum(shares[0], [])) & set(sum(shares[1], []))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        StepBatchSampler(3, batch_size=2, seed=0, world_size=2)
+
+
+def test_step_generator_is_the_step_seed():
+    key = BatchIndex(index=0, step=7, seed=step_seed(1, 7, 0), position=0, batch_size=1)
+    expected = torch.Generator().manual_seed(step_seed(1, 7, 0))
+    assert torch.equal(torch.rand(4, generator=step_generator(key)), torch.rand(4, generator=expected))
+
+
+def test_a_stego_config_written_before_the_recipes_still_loads(tmp_path):
+    from hf_useg import StegoConfig
+
+    old = json.loads((FIXTURES / "stego_config_v0.1.0.json").read_text())
+    assert old["max_steps"] == 123 and old["head_learning_rate"] == 0.001  # the fixture has the old keys
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    config = StegoConfig.from_pretrained(tmp_path)
+    assert (config.dim, config.num_classes, config.pos_intra_shift) == (8, 3, 0.08)
+    assert not hasattr(config, "max_steps") and "max_steps" not in config.to_dict()
+
+
+def test_a_dino_kmeans_model_saved_before_the_fitted_buffer_loads_fitted():
+    from hf_useg import DinoForUnsupervisedSegmentation
+
+    folder = FIXTURES / "dino_kmeans_v0.1.0"
+    assert json.loads((folder / "config.json").read_text())["is_fitted"] is True
+    model = DinoForUnsupervisedSegmentation.from_pretrained(folder)
+    assert model.is_fitted
+    assert torch.equal(model.cluster_probe.clusters, load_file(folder / "model.safetensors")["cluster_probe.clusters"])
+    assert model.predict(torch.randn(1, 3, 16, 16)).cluster_log_probs.shape == (1, 2, 16, 16)
+
+
+def test_dino_kmeans_fitted_state_is_saved_with_the_weights(tmp_path):
+    from transformers import ViTConfig
+
+    from hf_useg import DinoForUnsupervisedSegmentation, DinoSegmentationConfig
+
+    tiny = ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, patch_size=8, image_size=16
+    )
+    model = DinoForUnsupervisedSegmentation(DinoSegmentationConfig(backbone_config=tiny, num_clusters=2))
+    model.save_pretrained(tmp_path / "unfitted")
+    model.fit([torch.randn(2, 3, 16, 16)], progress=False)
+    model.save_pretrained(tmp_path / "fitted")
+    assert "is_fitted" not in json.loads((tmp_path / "fitted" / "config.json").read_text())
+    assert DinoForUnsupervisedSegmentation.from_pretrained(tmp_path / "fitted").is_fitted
+    assert not DinoForUnsupervisedSegmentation.from_pretrained(tmp_path / "unfitted").is_fitted
+
+
+@pytest.mark.slow
+def test_dataloader_workers_build_the_same_batches(tmp_path):
+    """STEGO's pairs are drawn in the DataLoader: two workers train exactly the model no worker trains."""
+    common = dict(max_steps=3, val_every=100, save_every=100, synthetic_num_images=8, five_crop=False)
+    train(load_training_arguments(STEGO_TINY, output_dir=str(tmp_path / "main"), **common))
+    train(load_training_arguments(STEGO_TINY, output_dir=str(tmp_path / "workers"), num_workers=2, **common))
+    main, workers = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("main", "workers"))
+    for key in main:
+        assert torch.equal(main[key], workers[key]), key
+
+
+@pytest.mark.slow
+def test_the_command_line_reads_the_yaml_then_its_own_options(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "training" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    output = tmp_path / "run"
+    argv = ["--config", str(STEGO_TINY), "--output_dir", str(output), "--max_steps", "2", "--set", "dim=6"]
+    argv += ["--cache_backbone_features", "true", "--val_every", "100", "--synthetic_num_images", "8"]
+    assert script.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2
+    saved = json.loads((output / "training_args.json").read_text())
+    assert saved["model"] == {"dim": 6} and saved["recipe_options"]["cache_backbone_features"] is True
+    assert saved["recipe_options"]["batch_size"] == 4  # from the YAML file
+    assert json.loads((output / "model" / "config.json").read_text())["dim"] == 6
