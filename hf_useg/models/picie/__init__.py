@@ -1,5 +1,5 @@
-from ...registry import MethodSpec
 from ...clustering import minibatch_kmeans_update
+from ...registry import MethodSpec
 from .configuration_picie import PicieConfig
 from .loss_picie import (
     PicieLossOutput,
