@@ -43,6 +43,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -52,12 +54,18 @@ from typing import Any
 import torch
 
 from ..models.stego import StegoConfig, StegoForUnsupervisedSegmentation
+from ..models.stego.training_stego import StegoTrainingOptions
 from .checkpoint_io import load_checkpoint
 from .dino_vit import convert_dino_vit_state_dict, vit_config_from_dino_state_dict
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["convert_stego_checkpoint", "convert_stego_state_dict", "stego_config_from_checkpoint"]
+__all__ = [
+    "convert_stego_checkpoint",
+    "convert_stego_state_dict",
+    "stego_config_from_checkpoint",
+    "stego_training_options_from_checkpoint",
+]
 
 _BACKBONE_PREFIX = "net.model."
 _HEAD_RENAMES = {
@@ -269,14 +277,48 @@ def _dataset_name(cfg: Mapping[str, Any]) -> str | None:
     return _DATASETS.get(name, name)
 
 
+def _released_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters of STEGO's ``cfg`` under our names (config fields and training options together)."""
+    fields: dict[str, Any] = {}
+    for key, (field, kind) in _CFG_FIELDS.items():
+        if key in cfg and cfg[key] is not None:
+            value = _cfg_value(key, cfg[key], kind)
+            if value is not None:
+                fields[field] = value
+    if isinstance(cfg.get("crop_type"), str):
+        fields["five_crop"] = cfg["crop_type"] == "five"
+    return fields
+
+
+def stego_training_options_from_checkpoint(checkpoint: Mapping[str, Any]) -> StegoTrainingOptions:
+    """The training settings of a released STEGO checkpoint (``hyper_parameters["cfg"]``: steps, batch size,
+    crops, kNN partners, learning rate), as [`StegoTrainingOptions`]; defaults where the checkpoint says nothing.
+
+    Example:
+
+    ```python
+    >>> options = stego_training_options_from_checkpoint(load_checkpoint("potsdam_test.ckpt"))  # doctest: +SKIP
+    >>> options.max_steps, options.batch_size  # doctest: +SKIP
+    (5000, 16)
+    ```
+    """
+    _, hyper_parameters = _split_checkpoint(checkpoint)
+    cfg = hyper_parameters.get("cfg") or {}
+    names = StegoTrainingOptions.field_names()
+    return StegoTrainingOptions(
+        **{k: v for k, v in _released_fields(cfg if isinstance(cfg, Mapping) else {}).items() if k in names}
+    )
+
+
 def stego_config_from_checkpoint(
     checkpoint: Mapping[str, Any],
     *,
     id2label: Mapping[int, str] | Sequence[str] | None = None,
     backbone_name: str | None = None,
 ) -> StegoConfig:
-    """The [`StegoConfig`] of a loaded STEGO checkpoint: architecture from the tensors, training
-    hyper-parameters from ``hyper_parameters["cfg"]`` when present (module docstring).
+    """The [`StegoConfig`] of a loaded STEGO checkpoint: architecture from the tensors, loss hyper-parameters from
+    ``hyper_parameters["cfg"]`` when present (module docstring); its training settings are
+    [`stego_training_options_from_checkpoint`]'s.
 
     Args:
         checkpoint: a loaded Lightning checkpoint (or a bare STEGO state dict).
@@ -342,14 +384,7 @@ def stego_config_from_checkpoint(
     if "dino_patch_size" in cfg and cfg["dino_patch_size"] != patch:
         _warn_mismatch("dino_patch_size", cfg["dino_patch_size"], patch)
 
-    fields: dict[str, Any] = {}
-    for key, (field, kind) in _CFG_FIELDS.items():
-        if key in cfg and cfg[key] is not None:
-            value = _cfg_value(key, cfg[key], kind)
-            if value is not None:
-                fields[field] = value
-    if isinstance(cfg.get("crop_type"), str):
-        fields["five_crop"] = cfg["crop_type"] == "five"
+    fields = _released_fields(cfg)
 
     if backbone_name is None and hidden in _DINO_WIDTHS and patch in (8, 16):
         if backbone_config.num_hidden_layers == 12 and backbone_config.intermediate_size == 4 * hidden:
@@ -398,6 +433,7 @@ def _write_model_folder(
     output_dir: str | os.PathLike,
     source: str,
     dataset_label: str | None,
+    training_options: StegoTrainingOptions,
 ) -> None:
     from ..hub import generate_model_card
     from ..image_processing import whole_image_processor
@@ -406,7 +442,9 @@ def _write_model_folder(
     output_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
     model.save_pretrained(output_dir)
-    whole_image_processor(config.eval_resolution, model.patch_size).save_pretrained(output_dir)
+    whole_image_processor(training_options.eval_resolution, model.patch_size).save_pretrained(output_dir)
+    # the released training settings, for `training/train.py --config` (the config describes the model only)
+    (output_dir / "training_options.json").write_text(json.dumps(dataclasses.asdict(training_options), indent=2))
 
     class_names = _class_names(config.dataset_name, config.num_classes)
     summary = {
@@ -486,5 +524,5 @@ def convert_stego_checkpoint(
         label = config.dataset_name
         if isinstance(original, str) and original != label:
             label = f"{label} (STEGO's '{original}')"
-        _write_model_folder(model, output_dir, source, label)
+        _write_model_folder(model, output_dir, source, label, stego_training_options_from_checkpoint(checkpoint))
     return model
