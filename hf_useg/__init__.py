@@ -84,25 +84,10 @@ def _register_auto_classes() -> None:
     global _registered
     if _registered:
         return
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
-
-    from .image_processing import UnsupervisedSegmentationImageProcessor
-    from .registry import methods
+    from .registry import methods, register_auto_classes
 
     for spec in methods().values():
-        config_class, model_class = spec.load_config_class(), spec.load_model_class()
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        AutoModel.register(config_class, model_class, exist_ok=True)
-        if spec.pipeline_task != "image-segmentation":
-            continue
-        AutoModelForSemanticSegmentation.register(config_class, model_class, exist_ok=True)
-        AutoImageProcessor.register(
-            config_class, slow_image_processor_class=UnsupervisedSegmentationImageProcessor, exist_ok=True
-        )
-        # The image-segmentation pipeline checks the model class against this static name table, which
-        # `register` does not update; without the entry it logs "... is not supported" (and works anyway).
-        MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(config_class.model_type, model_class.__name__)
+        register_auto_classes(spec)
     _registered = True
 
 

@@ -24,7 +24,15 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 
-__all__ = ["MethodSpec", "get_method", "method_for_model_type", "method_names", "methods"]
+__all__ = [
+    "MethodSpec",
+    "get_method",
+    "method_for_model_type",
+    "method_names",
+    "methods",
+    "register_auto_classes",
+    "register_method",
+]
 
 
 @dataclass(frozen=True)
@@ -99,3 +107,42 @@ def get_method(name: str) -> MethodSpec:
 def method_for_model_type(model_type: str) -> MethodSpec | None:
     """The method whose models have ``config.model_type == model_type`` (None for foreign models)."""
     return next((spec for spec in methods().values() if spec.model_type == model_type), None)
+
+
+def register_auto_classes(spec: MethodSpec) -> None:
+    """Register ``spec``'s config and model with `AutoConfig` / `AutoModel` and, for image-segmentation methods,
+    with `AutoModelForSemanticSegmentation` and `AutoImageProcessor` (what the pipeline loads). Idempotent."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
+
+    config_class, model_class = spec.load_config_class(), spec.load_model_class()
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, model_class, exist_ok=True)
+    if spec.pipeline_task != "image-segmentation":
+        return
+    from .image_processing import UnsupervisedSegmentationImageProcessor
+
+    AutoModelForSemanticSegmentation.register(config_class, model_class, exist_ok=True)
+    AutoImageProcessor.register(
+        config_class, slow_image_processor_class=UnsupervisedSegmentationImageProcessor, exist_ok=True
+    )
+    # The image-segmentation pipeline checks the model class against this static name table, which `register`
+    # does not update; without the entry it logs "... is not supported" (and works anyway).
+    MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(config_class.model_type, model_class.__name__)
+
+
+def register_method(spec: MethodSpec) -> None:
+    """Add a method defined outside ``hf_useg/models`` (a plugin package, a test) to the registry and the Auto
+    classes, so that ``train(load_training_arguments(None, method=spec.name, ...))`` trains it.
+
+    Example:
+
+    ```python
+    >>> register_method(MethodSpec(name="toy", ...))  # doctest: +SKIP
+    ```
+    """
+    registered = methods()
+    if spec.name in registered and registered[spec.name] != spec:
+        raise ValueError(f"a different method is already registered as {spec.name!r}")
+    registered[spec.name] = spec
+    register_auto_classes(spec)

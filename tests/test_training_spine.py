@@ -162,3 +162,123 @@ def test_the_command_line_reads_the_yaml_then_its_own_options(tmp_path, capsys, 
     assert saved["model"] == {"dim": 6} and saved["recipe_options"]["cache_backbone_features"] is True
     assert saved["recipe_options"]["batch_size"] == 4  # from the YAML file
     assert json.loads((output / "model" / "config.json").read_text())["dim"] == 6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a toy method, written the way the README's "Add a method" says, trained by the shared loop
+
+from dataclasses import dataclass as _dataclass  # noqa: E402
+
+from huggingface_hub.dataclasses import strict  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from transformers import AutoConfig, PreTrainedConfig  # noqa: E402
+from transformers.configuration_utils import SubConfigSpec  # noqa: E402
+
+from hf_useg.backbones import FeatureBackbone  # noqa: E402
+from hf_useg.clustering import ClusterProbe  # noqa: E402
+from hf_useg.data.processing import ProcessedSegmentationDataset, collate_segmentation_batch  # noqa: E402
+from hf_useg.modeling_utils import UnsupervisedSegmentationPreTrainedModel, UnsupervisedSegmenterOutput  # noqa: E402
+from hf_useg.registry import MethodSpec, register_method  # noqa: E402
+from hf_useg.training import ItemsByBatchIndex, RecipeOptions, TrainingStepOutput  # noqa: E402
+
+
+@strict
+class ToyConfig(PreTrainedConfig):
+    model_type = "toy_segmenter"
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="vit")}
+    backbone_config: dict | PreTrainedConfig | None = None
+    num_clusters: int = 3
+
+
+class ToyForUnsupervisedSegmentation(UnsupervisedSegmentationPreTrainedModel):
+    config_class = ToyConfig
+
+    def __init__(self, config: ToyConfig):
+        super().__init__(config)
+        self.backbone = FeatureBackbone(config.backbone_config, frozen=True)
+        self.cluster_probe = ClusterProbe(self.backbone.hidden_size, config.num_clusters)
+        self.post_init()
+
+    def compute_code(self, pixel_values):
+        return self.backbone(pixel_values).feature_map
+
+    def probe_log_probs(self, code):
+        return self.cluster_probe.log_probs(code, alpha=2.0), None
+
+    def forward(self, pixel_values, labels=None, **kwargs):
+        code = self.compute_code(pixel_values)
+        loss, _ = self.cluster_probe(code.detach())
+        return UnsupervisedSegmenterOutput(loss=loss, logits=self.cluster_probe.log_probs(code), code=code)
+
+
+@_dataclass
+class ToyOptions(RecipeOptions):
+    learning_rate: float = 1e-2
+
+
+class ToyRecipe(Recipe):
+    options_class = ToyOptions
+
+    def build_model(self, backbone_config, num_classes):
+        return ToyForUnsupervisedSegmentation(ToyConfig(backbone_config=backbone_config, num_clusters=num_classes))
+
+    def make_optimizer(self, model):
+        return torch.optim.Adam(model.cluster_probe.parameters(), lr=self.options.learning_rate)
+
+    def train_dataloader(self, batches):
+        items = ProcessedSegmentationDataset(self.run.train_set, self.run.train_processor, self.run.num_classes)
+        return DataLoader(
+            ItemsByBatchIndex(items),
+            batch_sampler=batches,
+            collate_fn=collate_segmentation_batch,
+            num_workers=self.args.num_workers,
+        )
+
+    def training_step(self, model, batch):
+        return TrainingStepOutput(loss=model(batch["pixel_values"]).loss)
+
+
+TOY = MethodSpec(
+    name="toy",
+    model_type="toy_segmenter",
+    display_name="Toy",
+    paper="nobody, never",
+    description="A cluster probe on frozen features (a test of the spine).",
+    config_class=f"{__name__}:ToyConfig",
+    model_class=f"{__name__}:ToyForUnsupervisedSegmentation",
+    recipe_class=f"{__name__}:ToyRecipe",
+)
+
+
+def test_a_toy_method_from_the_readme_trains_resumes_and_saves(tmp_path):
+    register_method(TOY)
+    common = dict(
+        method="toy",
+        backbone="random-vit-micro",
+        synthetic_num_images=8,
+        synthetic_image_size=32,
+        synthetic_num_classes=3,
+        resolution=32,
+        eval_resolution=32,
+        batch_size=4,
+        val_every=2,
+        save_every=2,
+        progress=False,
+    )
+    summary = train(load_training_arguments(None, output_dir=str(tmp_path / "full"), max_steps=4, **common))
+    assert summary["steps"] == 4 and 0.0 <= summary["cluster_mean_iou"] <= 1.0
+    train(load_training_arguments(None, output_dir=str(tmp_path / "cut"), max_steps=2, **common))
+    train(
+        load_training_arguments(
+            None, output_dir=str(tmp_path / "cut"), max_steps=4, resume_from_checkpoint="latest", **common
+        )
+    )
+    full, resumed = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("full", "cut"))
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+
+    from transformers import AutoModel
+
+    reloaded = AutoModel.from_pretrained(tmp_path / "full" / "model")
+    assert type(reloaded).__name__ == "ToyForUnsupervisedSegmentation"
+    assert (tmp_path / "full" / "best" / "model.safetensors").exists()
