@@ -38,6 +38,13 @@ from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
 from transformers.models.vit.modeling_vit import ViTEmbeddings
 from transformers.utils import ModelOutput, logging
 
+from .configuration_utils import (  # noqa: F401  (re-exported: backbones is where users look for them)
+    _INTERPOLATION_MODES,
+    DINO_LAYER_NORM_EPS,
+    check_pos_embed_interpolation,
+    dino_vit_kwargs,
+)
+
 logger = logging.get_logger(__name__)
 
 __all__ = [
@@ -48,7 +55,6 @@ __all__ = [
     "load_backbone_config",
 ]
 
-DINO_LAYER_NORM_EPS = 1e-6
 
 # model types whose base model yields a token sequence [CLS, registers..., patches...]
 _TOKEN_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "dinov3_vit")
@@ -56,10 +62,7 @@ _TOKEN_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "dinov3_vit")
 # applies); dinov2_with_registers follows its release code (antialiased resize to the exact size) and dinov3
 # uses RoPE.
 _DINO_INTERPOLATION_MODEL_TYPES = ("vit", "dinov2")
-_INTERPOLATION_MODES = ("auto", "dino", "transformers")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
-
-_DINO_ARCHS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
 
 
 @dataclass
@@ -159,30 +162,6 @@ def dino_vit_config(arch: str = "vit_small", patch_size: int = 8, **overrides) -
     return ViTConfig(**dino_vit_kwargs(arch, patch_size, **overrides))
 
 
-def dino_vit_kwargs(arch: str = "vit_small", patch_size: int = 8, **overrides) -> dict:
-    """The `ViTConfig` keyword arguments of [`dino_vit_config`] (what configs use as their default
-    ``backbone_config``)."""
-    if arch not in _DINO_ARCHS:
-        raise ValueError(f"unknown DINO architecture {arch!r}; choose one of {sorted(_DINO_ARCHS)}")
-    hidden_size, heads = _DINO_ARCHS[arch]
-    kwargs = {
-        "hidden_size": hidden_size,
-        "num_hidden_layers": 12,
-        "num_attention_heads": heads,
-        "intermediate_size": 4 * hidden_size,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-        "layer_norm_eps": DINO_LAYER_NORM_EPS,
-        "image_size": 224,
-        "patch_size": patch_size,
-        "num_channels": 3,
-        "qkv_bias": True,
-    }
-    kwargs.update(overrides)
-    return kwargs
-
-
 def _apply_dino_eps(config: PreTrainedConfig, name_or_path: str, explicit: bool) -> PreTrainedConfig:
     if config.model_type == "vit" and not explicit and config.layer_norm_eps != DINO_LAYER_NORM_EPS:
         logger.warning(
@@ -210,12 +189,6 @@ def load_backbone_config(name_or_path: str, **overrides) -> PreTrainedConfig:
     """
     config = AutoConfig.from_pretrained(name_or_path, **overrides)
     return _apply_dino_eps(config, name_or_path, explicit="layer_norm_eps" in overrides)
-
-
-def check_pos_embed_interpolation(value: str) -> None:
-    """Raise a clear error unless ``value`` is a position-embedding interpolation mode every config accepts."""
-    if value not in _INTERPOLATION_MODES:
-        raise ValueError(f"pos_embed_interpolation must be one of {_INTERPOLATION_MODES}, got {value!r}")
 
 
 def _last_stage_config(config: PreTrainedConfig) -> PreTrainedConfig:

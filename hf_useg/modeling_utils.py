@@ -18,24 +18,7 @@ __all__ = [
     "UnsupervisedSegmenterOutput",
     "UnsupervisedSegmentationPrediction",
     "check_pixel_values",
-    "drop_legacy_training_fields",
 ]
-
-
-def drop_legacy_training_fields(kwargs: dict, names: Sequence[str]) -> dict:
-    """Remove from a config's ``__post_init__`` kwargs the training settings that configs written before the
-    recipes existed carried (``max_steps``, learning rates, ...): such a ``config.json`` still loads, and the
-    settings now live in the method's recipe options. Returns what was dropped.
-
-    Example:
-
-    ```python
-    >>> kwargs = {"max_steps": 7000, "dim": 90}
-    >>> drop_legacy_training_fields(kwargs, ["max_steps"]), kwargs
-    ({'max_steps': 7000}, {'dim': 90})
-    ```
-    """
-    return {name: kwargs.pop(name) for name in names if name in kwargs}
 
 
 @dataclass

@@ -135,7 +135,7 @@ def generate_model_card(
     Args:
         model: the model (or its config).
         summary: the training summary (``method``, ``backbone``, ``dataset``, ``steps``, ``eval_protocol``,
-            ``per_class_table``), as written by `hf_useg.trainer.train` (``training_summary.json``). A
+            ``per_class_table``), as written by `hf_useg.training.train` (``training_summary.json``). A
             ``"notes"`` string, when present, is added to the card (e.g. where a converted checkpoint came from).
         results: ``{"cluster": metric dict, "linear": ..., "cluster_crf": ..., "linear_crf": ...}`` from
             `hf_useg.inference.evaluate_segmenter` (or ``eval_results.json``): ``accuracy`` and ``mean_iou``

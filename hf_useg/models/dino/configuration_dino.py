@@ -4,7 +4,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ...backbones import check_pos_embed_interpolation, dino_vit_kwargs
+from ...configuration_utils import check_pos_embed_interpolation, dino_vit_kwargs
 
 # DINO v1 ViT-S/8 (facebook/dino-vits8); LayerNorm eps 1e-6 reproduces DINO's features (METHODS 0.1).
 DINO_VIT_SMALL_8 = dino_vit_kwargs("vit_small", 8)

@@ -4,8 +4,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ...backbones import dino_vit_kwargs
-from ...modeling_utils import drop_legacy_training_fields
+from ...configuration_utils import dino_vit_kwargs, drop_legacy_training_fields
 
 # DINO v1 ViT-S/16 (facebook/dino-vits16): the architecture of DINO's reference 100-epoch run.
 DINO_VIT_SMALL_16 = dino_vit_kwargs("vit_small", 16)

@@ -10,8 +10,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ...backbones import check_pos_embed_interpolation
-from ...modeling_utils import drop_legacy_training_fields
+from ...configuration_utils import check_pos_embed_interpolation, drop_legacy_training_fields
 
 __all__ = ["LEGACY_TRAINING_FIELDS", "PicieConfig", "RESNET_18"]
 
