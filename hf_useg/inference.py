@@ -17,7 +17,53 @@ from tqdm.auto import tqdm
 from .data.processing import ProcessedSegmentationDataset, collate_segmentation_batch
 from .evaluation import UnsupervisedSegmentationMetric
 
-__all__ = ["evaluate_segmenter", "write_evaluation_report"]
+__all__ = ["evaluate_segmenter", "evaluation_loader", "process_share", "write_evaluation_report"]
+
+
+def process_share(items, accelerator=None):
+    """This process's share of ``items`` for evaluation: process ``r`` of ``P`` takes items ``r, r + P, ...``,
+    with no padding duplicates (unlike ``accelerator.prepare_data_loader``), so confusion matrices summed over
+    processes count every item once. ``items`` itself without an accelerator or with one process.
+
+    Example:
+
+    ```python
+    >>> from types import SimpleNamespace
+    >>> second_of_two = SimpleNamespace(num_processes=2, process_index=1)
+    >>> list(process_share(list("abcde"), second_of_two))
+    ['b', 'd']
+    ```
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        return items
+    shard = list(range(accelerator.process_index, len(items), accelerator.num_processes))
+    if not shard:
+        raise ValueError(f"{len(items)} evaluation images for {accelerator.num_processes} processes")
+    return Subset(items, shard)
+
+
+def evaluation_loader(
+    dataset,
+    image_processor,
+    num_classes: int,
+    *,
+    batch_size: int = 8,
+    max_images: int | None = None,
+    num_workers: int = 0,
+    accelerator=None,
+) -> DataLoader:
+    """Batches of this process's labelled evaluation images (the first ``max_images`` of ``dataset``, processed by
+    ``image_processor``, split over processes by [`process_share`]), in order."""
+    if max_images is not None:
+        dataset = dataset.select(range(min(max_images, len(dataset))))
+    items = ProcessedSegmentationDataset(dataset, image_processor, num_classes=num_classes, with_labels=True)
+    return DataLoader(
+        process_share(items, accelerator),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_segmentation_batch,
+    )
 
 
 @torch.no_grad()
@@ -45,21 +91,14 @@ def evaluate_segmenter(
     With an ``accelerator`` the images are split over processes (process ``r`` takes images ``r, r + P, ...``)
     and the confusion matrices summed.
     """
-    if max_images is not None:
-        dataset = dataset.select(range(min(max_images, len(dataset))))
-    items = ProcessedSegmentationDataset(dataset, image_processor, num_classes=num_classes, with_labels=True)
-    if accelerator is not None and accelerator.num_processes > 1:
-        # each process scores its own images, no padding duplicates: the summed matrices count every image once
-        shard = list(range(accelerator.process_index, len(items), accelerator.num_processes))
-        if not shard:
-            raise ValueError(f"{len(items)} evaluation images for {accelerator.num_processes} processes")
-        items = Subset(items, shard)
-    loader = DataLoader(
-        items,
+    loader = evaluation_loader(
+        dataset,
+        image_processor,
+        num_classes,
         batch_size=batch_size,
-        shuffle=False,
+        max_images=max_images,
         num_workers=num_workers,
-        collate_fn=collate_segmentation_batch,
+        accelerator=accelerator,
     )
     if accelerator is not None:
         device = accelerator.device

@@ -1,10 +1,15 @@
-"""IIC's data pipeline (colour jitter in torch, flip views with their affine), head alternation, the trainer recipe
-(build, train, resume bit-for-bit, reload, evaluate) and the two-head evaluation with IID+."""
+"""IIC's data pipeline (colour jitter in torch, flip views with their affine), head alternation, the training
+recipe (options and presets, build, views in the DataLoader, train, resume bit-for-bit, reload, evaluate) and the
+two-head evaluation with IID+ (also split over two processes)."""
 
 import colorsys
 import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,18 +19,28 @@ from safetensors.torch import load_file
 from transformers import ViTConfig
 
 from hf_useg.evaluation import UnsupervisedSegmentationMetric, fit_and_score
-from hf_useg.models.iic import IicForUnsupervisedSegmentation, color_jitter, head_for_step, make_iic_views
+from hf_useg.models.iic import IicConfig, IicForUnsupervisedSegmentation, color_jitter, head_for_step, make_iic_views
 from hf_useg.models.iic.training_iic import (
+    IicRecipe,
+    IicTrainingOptions,
+    IicViewCollator,
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
-    build_model,
     evaluate_iic_heads,
     hsv_to_rgb,
     rgb_to_hsv,
 )
-from hf_useg.trainer import latest_checkpoint, load_training_arguments, train
+from hf_useg.training import (
+    BatchIndex,
+    latest_checkpoint,
+    load_training_arguments,
+    resolve_recipe_options,
+    step_generator,
+    train,
+)
+from hf_useg.training import build_model as loop_build_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "iic_tiny.yaml"
@@ -165,38 +180,125 @@ def test_head_alternation():
         head_for_step(0, 0, 1)
 
 
-def _args(**kwargs):
-    return SimpleNamespace(**{"model": {}, "preset": None, **kwargs})
+def _recipe(**overrides) -> IicRecipe:
+    args = load_training_arguments(None, method="iic", **overrides)
+    return IicRecipe(args, resolve_recipe_options(args))
 
 
 def test_build_model_picks_the_trunk_from_the_backbone_option():
-    model = build_model(
-        _args(model={"vgg_channels": [4, 4, 8, 8, 8, 8], "learning_rate": "1e-4", "lamb_b": 2}), None, 11
-    )
-    config = model.config
+    # learning_rate under model: (files of the previous release) is a recipe option now
+    recipe = _recipe(model={"vgg_channels": [4, 4, 8, 8, 8, 8], "learning_rate": "1e-4", "lamb_b": 2})
+    assert recipe.args.recipe == {"learning_rate": "1e-4"} and "learning_rate" not in recipe.args.model
+    config = recipe.build_model(None, 11).config
     assert config.trunk == "vgg" and config.num_classes == 11 and config.num_overclusters == 33
-    assert config.learning_rate == 1e-4 and config.lamb_b == 2.0  # YAML strings/ints become floats
+    assert recipe.options.learning_rate == 1e-4 and config.lamb_b == 2.0  # YAML strings/ints become numbers
     vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8)
-    assert build_model(_args(), vit, 4).config.trunk == "backbone"
-    preset = build_model(_args(preset="cocostuff3", model={"vgg_channels": [4, 4, 8, 8, 8, 8]}), None, 3)
-    assert preset.config.num_overclusters == 15 and preset.config.lamb_b == 1.5
+    assert _recipe().build_model(vit, 4).config.trunk == "backbone"
+    preset = _recipe(preset="cocostuff3", model={"vgg_channels": [4, 4, 8, 8, 8, 8]})
+    assert (
+        preset.build_model(None, 3).config.num_overclusters == 15 and preset.build_model(None, 3).config.lamb_b == 1.5
+    )
+    assert preset.options.batch_size == 120 and preset.options.mask_unlabelled
     with pytest.raises(ValueError, match="backbone: none"):
-        build_model(_args(model={"trunk": "vgg"}), vit, 4)
+        _recipe(model={"trunk": "vgg"}).build_model(vit, 4)
     with pytest.raises(ValueError, match="needs a backbone"):
-        build_model(_args(model={"trunk": "backbone"}), None, 4)
-    with pytest.raises(ValueError, match="model.learning_rate must be a number"):
-        build_model(_args(model={"learning_rate": "fast"}), None, 4)
+        _recipe(model={"trunk": "backbone"}).build_model(None, 4)
+    with pytest.raises(ValueError, match="learning_rate must be a number"):
+        _recipe(model={"learning_rate": "fast"})
 
 
 def test_backbone_none_is_refused_for_methods_that_need_a_backbone():
-    from hf_useg.trainer import build_model as trainer_build_model
+    class NeedsBackbone(IicRecipe):  # a recipe whose model always has an HF backbone
+        def build_model(self, backbone_config, num_classes):
+            vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+            return IicForUnsupervisedSegmentation(IicConfig(backbone_config=vit, num_classes=num_classes))
 
+    args = load_training_arguments(None, method="iic", backbone="none")
     with pytest.raises(ValueError, match="needs one"):
-        trainer_build_model(load_training_arguments(None, method="dino_kmeans", backbone="none"), 3)
+        loop_build_model(args, NeedsBackbone(args, resolve_recipe_options(args)), 3)
+
+
+def test_options_hold_the_released_training_settings():
+    defaults = IicTrainingOptions()
+    assert (defaults.learning_rate, defaults.batch_size, defaults.resolution, defaults.eval_resolution) == (
+        1e-4,
+        120,
+        128,
+        128,
+    )
+    assert (defaults.max_steps, defaults.val_every, defaults.flip_p, defaults.mask_unlabelled) == (
+        20000,
+        500,
+        0.5,
+        False,
+    )
+    assert (defaults.jitter_brightness, defaults.jitter_contrast, defaults.jitter_saturation, defaults.jitter_hue) == (
+        0.4,
+        0.4,
+        0.4,
+        0.125,
+    )
+    assert (defaults.head_a_first, defaults.head_a_steps, defaults.head_b_steps) == (False, None, None)
+    coco = IicTrainingOptions.from_preset("cocostuff3")
+    assert (coco.learning_rate, coco.batch_size, coco.resolution, coco.mask_unlabelled) == (1e-4, 120, 128, True)
+    potsdam = IicTrainingOptions.from_preset("potsdam3", max_steps=5)
+    assert (potsdam.learning_rate, potsdam.resolution, potsdam.eval_resolution, potsdam.jitter_hue) == (
+        1e-5,
+        200,
+        200,
+        0.1,
+    )
+    assert potsdam.max_steps == 5 and potsdam.batch_size == 75 and potsdam.mask_unlabelled
+    assert set(IicTrainingOptions.presets) == {"cocostuff3", "potsdam3"}
+    assert IicTrainingOptions(flip_p=1, learning_rate="1e-3").flip_p == 1.0  # YAML ints and strings
+    # the YAML files: training settings at the top level, the architecture under model:
+    args = load_training_arguments(TINY)
+    assert args.recipe["learning_rate"] == 1e-3 and args.recipe["head_a_steps"] == 2 and args.recipe["max_steps"] == 8
+    assert "learning_rate" not in args.model and args.model["num_overclusters"] == 9
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(flip_p=1.5), "flip_p"),
+        (dict(jitter_hue=0.7), "jitter_hue"),
+        (dict(jitter_contrast=-0.1), "jitter_contrast"),
+        (dict(head_a_steps=0), "head_a_steps"),
+        (dict(learning_rate=0.0), "learning_rate must be > 0"),
+        (dict(batch_size=0), "batch_size"),
+    ],
+)
+def test_bad_option_values_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        IicTrainingOptions(**kwargs)
+
+
+def test_the_collate_builds_the_views_of_the_step_generator_and_names_the_head():
+    torch.manual_seed(0)
+    items = [
+        {"pixel_values": torch.randn(3, 8, 8), "labels": torch.randint(-1, 4, (8, 8)), "index": i} for i in range(3)
+    ]
+    options = IicTrainingOptions(mask_unlabelled=True, flip_p=0.7)
+    keys = [BatchIndex(index=i, step=4, seed=1234, position=i, batch_size=3) for i in range(3)]
+    collate = IicViewCollator(
+        options, MEAN.flatten().tolist(), STD.flatten().tolist(), 3, head_a_steps=2, head_b_steps=3
+    )
+    batch = collate(list(zip(keys, items)))
+    pixel_values = torch.stack([item["pixel_values"] for item in items])
+    labels = torch.stack([item["labels"] for item in items])
+    views = make_iic_views(
+        pixel_values, step_generator(keys[0]), flip_p=0.7, labels=labels, num_classes=3, mask_unlabelled=True
+    )
+    assert batch["head"] == head_for_step(4, 2, 3) == "A"
+    for name in ("pixel_values", "pixel_values_pair", "affine2_to_1", "mask"):
+        assert torch.equal(batch[name], getattr(views, name)), name
+    # with gradient accumulation the head follows the optimizer step
+    accumulated = IicViewCollator(options, MEAN.flatten().tolist(), STD.flatten().tolist(), 3, 2, 3, accumulation=2)
+    assert accumulated(list(zip(keys, items)))["head"] == head_for_step(2, 2, 3) == "B"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# end to end through the trainer
+# end to end through the training loop
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +349,20 @@ def test_resume_from_a_mid_run_checkpoint_matches_the_uninterrupted_run(uninterr
 
 
 @pytest.mark.slow
+def test_dataloader_workers_train_the_same_model(uninterrupted, tmp_path):
+    # the views are built in the DataLoader's collate from the step's generator: the workers draw what the main
+    # process draws
+    full_output, _ = uninterrupted
+    train(load_training_arguments(TINY, output_dir=str(tmp_path / "workers"), num_workers=2))
+    expected = load_file(str(full_output / "model" / "model.safetensors"))
+    actual = load_file(str(tmp_path / "workers" / "model" / "model.safetensors"))
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+    assert (tmp_path / "workers" / "metrics.jsonl").read_text() == (full_output / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
 def test_reloaded_model_evaluates_both_heads_with_iid_plus(uninterrupted):
     from hf_useg.data import make_synthetic_scenes
     from hf_useg.image_processing import protocol_image_processor
@@ -281,3 +397,62 @@ def test_reloaded_model_evaluates_both_heads_with_iid_plus(uninterrupted):
     expected = fit_and_score(fit_only["head_a_majority"]["confusion_matrix"], head_a["confusion_matrix"], "majority")
     np.testing.assert_array_equal(results["head_a_majority_iid_plus"]["assignment"], expected["assignment"])
     assert results["head_a_majority_iid_plus"]["accuracy"] == pytest.approx(expected["accuracy"])
+
+
+_HEADS_SCRIPT = """
+import json, sys
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from hf_useg.data import make_synthetic_scenes
+from hf_useg.image_processing import protocol_image_processor
+from hf_useg.models.iic import IicConfig, IicForUnsupervisedSegmentation
+from hf_useg.models.iic.training_iic import evaluate_iic_heads
+
+accelerator = Accelerator()
+torch.manual_seed(0)
+config = IicConfig(vgg_channels=[8, 8, 16, 16, 16, 16], num_classes=3, num_overclusters=7, displacement=2)
+model = IicForUnsupervisedSegmentation(config).eval()
+val = make_synthetic_scenes(5, 32, 3, seed=11)  # 5 images, batches of 2: 2 processes would need padding
+fit = make_synthetic_scenes(7, 32, 3, seed=12)
+results = evaluate_iic_heads(
+    model, val, protocol_image_processor(32), 3, fit_dataset=fit, batch_size=2, accelerator=accelerator
+)
+if accelerator.is_main_process:
+    matrices = {name: np.asarray(values["confusion_matrix"]).tolist() for name, values in results.items()}
+    with open(sys.argv[1], "w") as handle:
+        json.dump({"world_size": accelerator.num_processes, "confusion": matrices}, handle)
+"""
+
+
+@pytest.mark.slow
+def test_head_evaluation_over_two_cpu_processes_counts_every_image_once(tmp_path):
+    """Both heads' confusion matrices (and IID+'s) from 2 processes (`accelerate launch`, gloo on the CPU) equal
+    the single-process ones: each process scores its own images, no padding duplicates."""
+    script = tmp_path / "heads.py"
+    script.write_text(textwrap.dedent(_HEADS_SCRIPT))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one.json")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(port), str(script), str(tmp_path / "two.json")]
+    double = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert set(one["confusion"]) == {
+        "head_b_hungarian",
+        "head_a_majority",
+        "head_b_hungarian_iid_plus",
+        "head_a_majority_iid_plus",
+    }
+    assert two["confusion"] == one["confusion"]
+    assert np.asarray(one["confusion"]["head_a_majority"]).sum() == 5 * 32 * 32  # every labelled pixel, once

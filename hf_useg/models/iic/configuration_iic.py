@@ -11,6 +11,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from ...backbones import check_pos_embed_interpolation, dino_vit_kwargs
+from ...modeling_utils import drop_legacy_training_fields
 
 __all__ = ["IicConfig"]
 
@@ -27,8 +28,9 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 TRUNKS = ("vgg", "backbone")
 INPUT_MODES = ("rgb", "sobel", "rgb_sobel")
 
-# The released training commands (xu-ji/IIC examples/commands.txt, models 555 and 545). Potsdam-3 there is RGB+IR
-# without Sobel; the Potsdam-3 data written by `hf_useg.data.convert_potsdam3` is RGB, hence `input_mode="rgb"`.
+# The architecture of the released runs (xu-ji/IIC examples/commands.txt, models 555 and 545; their training
+# settings are the IIC recipe's presets of the same names). Potsdam-3 there is RGB+IR without Sobel; the Potsdam-3
+# data written by `hf_useg.data.convert_potsdam3` is RGB, hence `input_mode="rgb"`.
 _PRESETS: dict[str, dict[str, Any]] = {
     "cocostuff3": {
         "dataset_name": "cocostuff3",
@@ -36,13 +38,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "num_overclusters": 15,
         "lamb_a": 1.0,
         "lamb_b": 1.5,
-        "learning_rate": 1e-4,
-        "batch_size": 120,
-        "resolution": 128,
-        "eval_resolution": 128,
         "input_mode": "rgb_sobel",
         "displacement": 10,
-        "mask_unlabelled": True,
     },
     "potsdam3": {
         "dataset_name": "potsdam3",
@@ -50,31 +47,31 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "num_overclusters": 24,
         "lamb_a": 1.0,
         "lamb_b": 1.5,
-        "learning_rate": 1e-5,
-        "batch_size": 75,
-        "resolution": 200,
-        "eval_resolution": 200,
         "input_mode": "rgb",
         "displacement": 10,
-        "jitter_brightness": 0.1,
-        "jitter_contrast": 0.1,
-        "jitter_saturation": 0.1,
-        "jitter_hue": 0.1,
-        "mask_unlabelled": True,
     },
 }
 
-_POSITIVE_INT_FIELDS = (
-    "vgg_pool_after",
-    "num_classes",
-    "num_overclusters",
-    "num_sub_heads",
+# Training settings that configs written before the training recipe carried (now `IicTrainingOptions`).
+_TRAINING_FIELDS = (
+    "learning_rate",
     "resolution",
     "eval_resolution",
     "max_steps",
     "batch_size",
     "val_every",
+    "jitter_brightness",
+    "jitter_contrast",
+    "jitter_saturation",
+    "jitter_hue",
+    "flip_p",
+    "mask_unlabelled",
+    "head_a_first",
+    "head_a_steps",
+    "head_b_steps",
 )
+
+_POSITIVE_INT_FIELDS = ("vgg_pool_after", "num_classes", "num_overclusters", "num_sub_heads")
 
 
 @strict
@@ -144,33 +141,14 @@ class IicConfig(PreTrainedConfig):
         loss_at_input_resolution (`bool`, *optional*, defaults to `True`):
             As IIC: the heads' softmax outputs are bilinearly upsampled to the input size before the loss (so T is
             in input pixels). `False` computes the loss at feature resolution (much cheaper on patch-8/16 ViTs).
-        head_a_first (`bool`, *optional*, defaults to `False`):
-            Training alternates head-B and head-A phases; IIC's default starts with head B.
-        head_a_steps, head_b_steps (`int`, *optional*):
-            Length of each phase in steps; `None` means one pass over the training set (IIC's alternation of full
-            epochs, with `head_A_epochs = head_B_epochs = 1`).
-        jitter_brightness, jitter_contrast, jitter_saturation, jitter_hue (`float`, *optional*):
-            Colour jitter of view 2 (defaults 0.4, 0.4, 0.4, 0.125): factors uniform in `[max(0, 1 - s), 1 + s]`
-            (hue: shift uniform in `[-s, s]`), applied in a random order, like torchvision's `ColorJitter`.
-        flip_p (`float`, *optional*, defaults to 0.5):
-            Probability that view 2 is flipped horizontally.
-        mask_unlabelled (`bool`, *optional*, defaults to `False`):
-            Leave out of the loss the pixels whose training label is invalid (outside `[0, num_classes)`). This is
-            what IIC's released code does on COCO-Stuff-3 and Potsdam (the labels choose which pixels train); it
-            is off by default because it uses labels. The `cocostuff3`/`potsdam3` presets turn it on.
         image_mean, image_std (`list[float]`, *optional*):
             Normalisation of `pixel_values` (ImageNet's by default, what the image processor uses); needed to
-            un-normalise for colour jitter and Sobel.
-        learning_rate (`float`, *optional*, defaults to 1e-4):
-            Adam learning rate, constant (1e-4 COCO-Stuff, 1e-5 Potsdam-3).
-        resolution, eval_resolution (`int`, *optional*, default to 128):
-            Training and evaluation resolution (IIC: 128 COCO-Stuff, 200 Potsdam).
-        max_steps (`int`, *optional*, defaults to 20000):
-            Training steps (IIC trains until convergence; this default is ours, not the paper's).
-        batch_size (`int`, *optional*, defaults to 120):
-            Training batch size (IIC's COCO-Stuff-3 run).
-        val_every (`int`, *optional*, defaults to 500):
-            Validation interval in steps.
+            un-normalise for Sobel (and for the training recipe's colour jitter).
+
+    The training settings (learning rate, batch size, resolutions, steps, the views' colour jitter and flip,
+    `mask_unlabelled`, the head alternation) are the IIC recipe's options
+    ([`~hf_useg.models.iic.training_iic.IicTrainingOptions`]); a `config.json` written by an earlier release
+    that still holds them loads, and they are dropped.
 
     Example:
 
@@ -213,33 +191,17 @@ class IicConfig(PreTrainedConfig):
     num_sub_heads: int = 1
     eval_sub_head: int = 0
     displacement: int = 10
-    lamb_a: float = 1.0
-    lamb_b: float = 1.0
+    lamb_a: float | int = 1.0
+    lamb_b: float | int = 1.0
     uncollapsed: bool = True
     loss_at_input_resolution: bool = True
-    head_a_first: bool = False
-    head_a_steps: int | None = None
-    head_b_steps: int | None = None
 
-    # Views
-    jitter_brightness: float = 0.4
-    jitter_contrast: float = 0.4
-    jitter_saturation: float = 0.4
-    jitter_hue: float = 0.125
-    flip_p: float = 0.5
-    mask_unlabelled: bool = False
-    image_mean: list[float] | None = None
-    image_std: list[float] | None = None
-
-    # Training schedule
-    learning_rate: float = 1e-4
-    resolution: int = 128
-    eval_resolution: int = 128
-    max_steps: int = 20000
-    batch_size: int = 120
-    val_every: int = 500
+    # Normalisation of pixel_values
+    image_mean: list[float | int] | None = None
+    image_std: list[float | int] | None = None
 
     def __post_init__(self, **kwargs):
+        drop_legacy_training_fields(kwargs, _TRAINING_FIELDS)
         if self.trunk is None:
             self.trunk = "backbone" if self.backbone_config is not None else "vgg"
         if self.trunk not in TRUNKS:
@@ -306,20 +268,9 @@ class IicConfig(PreTrainedConfig):
             )
         if self.displacement < 0:
             raise ValueError(f"displacement must be >= 0, got {self.displacement}")
-        for name in ("lamb_a", "lamb_b", "learning_rate"):
+        for name in ("lamb_a", "lamb_b"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("head_a_steps", "head_b_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None (one pass over the data), got {value}")
-        for name in ("jitter_brightness", "jitter_contrast", "jitter_saturation"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.jitter_hue <= 0.5:
-            raise ValueError(f"jitter_hue must be in [0, 0.5], got {self.jitter_hue}")
-        if not 0.0 <= self.flip_p <= 1.0:
-            raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p}")
         for name in ("image_mean", "image_std"):
             if len(getattr(self, name)) != 3:
                 raise ValueError(f"{name} must have 3 entries (RGB), got {getattr(self, name)}")
@@ -328,17 +279,18 @@ class IicConfig(PreTrainedConfig):
 
     @classmethod
     def for_dataset(cls, name: str, **overrides: Any) -> "IicConfig":
-        """The settings of IIC's released segmentation runs: `"cocostuff3"` (model 555: 15/3 clusters, λ_B 1.5,
-        lr 1e-4, batch 120, 128 px, RGB + Sobel) or `"potsdam3"` (model 545: 24/3 clusters, λ_B 1.5, lr 1e-5,
-        batch 75, 200 px, jitter 0.1). `overrides` change any field.
+        """The architecture of IIC's released segmentation runs: `"cocostuff3"` (model 555: 15/3 clusters, λ_B 1.5,
+        RGB + Sobel) or `"potsdam3"` (model 545: 24/3 clusters, λ_B 1.5, RGB). Their training settings (learning
+        rate, batch, resolution, jitter) are the IIC recipe's presets of the same names. `overrides` change any
+        field.
 
         Example:
 
         ```python
         >>> from hf_useg import IicConfig
-        >>> config = IicConfig.for_dataset("cocostuff3", max_steps=10)
-        >>> config.num_overclusters, config.lamb_b, config.max_steps
-        (15, 1.5, 10)
+        >>> config = IicConfig.for_dataset("cocostuff3", num_sub_heads=2)
+        >>> config.num_overclusters, config.lamb_b, config.num_sub_heads
+        (15, 1.5, 2)
         ```
         """
         if name not in _PRESETS:

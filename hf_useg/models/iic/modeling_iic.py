@@ -177,7 +177,7 @@ class IicForUnsupervisedSegmentation(IicPreTrainedModel):
     `forward(pixel_values, pixel_values_pair=..., affine2_to_1=..., mask=..., head="A" | "B")` computes the IIC
     loss of that head between the two views: **the loss is −MI, so it is negative** (−ln K at best). Without
     `pixel_values_pair` there is no loss. `labels` are accepted for API uniformity and ignored (the training
-    recipe turns them into a `mask` only with `config.mask_unlabelled`).
+    recipe turns them into a `mask` only with its `mask_unlabelled` option).
 
     Evaluation: `predict(pixel_values, head="B")` (the default; Hungarian matching) or `head="A"` (majority
     matching). `compute_code` returns the selected head's *softmax probabilities* (not logits), so `predict`

@@ -1,6 +1,6 @@
-"""IIC's training recipe for `hf_useg.trainer` (METHODS 3.2) and its evaluation of both heads (METHODS 3.3).
+"""IIC's training recipe (METHODS 3.2) and its evaluation of both heads (METHODS 3.3).
 
-* Views (built here, in the data pipeline, from the step's generator): view 1 is the processed image; view 2 is a
+* Views (built in the DataLoader's collate, from the step's generator): view 1 is the processed image; view 2 is a
   colour-jittered copy (brightness, contrast, saturation, hue in random order, like torchvision's `ColorJitter`,
   written in torch) flipped horizontally with probability `flip_p`; `affine2_to_1` negates the x row for flipped
   items; the mask is all ones (or the valid-label pixels with `mask_unlabelled`).
@@ -19,48 +19,40 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ...data.processing import ProcessedSegmentationDataset, collate_segmentation_batch
 from ...evaluation import UnsupervisedSegmentationMetric, fit_and_score
+from ...inference import evaluation_loader
+from ...training.recipe import BatchIndex, Recipe, RecipeOptions, StepBatchSampler, TrainingStepOutput, step_generator
 from .configuration_iic import IMAGENET_MEAN, IMAGENET_STD, IicConfig
 from .modeling_iic import IicForUnsupervisedSegmentation
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "IicRecipe",
+    "IicTrainingOptions",
     "IicViews",
     "adjust_brightness",
     "adjust_contrast",
     "adjust_hue",
     "adjust_saturation",
-    "build_model",
     "color_jitter",
     "evaluate_iic_heads",
-    "final_evaluation",
     "head_for_step",
     "hsv_to_rgb",
     "make_iic_views",
     "rgb_to_hsv",
-    "train",
 ]
+
 
 # torchvision's `rgb_to_grayscale` weights, used by its contrast and saturation adjustments.
 _JITTER_GREY = (0.2989, 0.587, 0.114)
-_FLOAT_FIELDS = {
-    "lamb_a",
-    "lamb_b",
-    "learning_rate",
-    "jitter_brightness",
-    "jitter_contrast",
-    "jitter_saturation",
-    "jitter_hue",
-    "flip_p",
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,23 +248,6 @@ def make_iic_views(
     )
 
 
-def _views_for(config: IicConfig, pixel_values, generator, labels, num_classes) -> IicViews:
-    return make_iic_views(
-        pixel_values,
-        generator,
-        brightness=config.jitter_brightness,
-        contrast=config.jitter_contrast,
-        saturation=config.jitter_saturation,
-        hue=config.jitter_hue,
-        flip_p=config.flip_p,
-        image_mean=config.image_mean,
-        image_std=config.image_std,
-        labels=labels,
-        num_classes=num_classes,
-        mask_unlabelled=config.mask_unlabelled,
-    )
-
-
 def head_for_step(step: int, head_a_steps: int, head_b_steps: int, head_a_first: bool = False) -> str:
     """Which head step `step` (0-based) trains: phases of `head_b_steps` (head B) and `head_a_steps` (head A)
     steps alternate, head B first unless `head_a_first`.
@@ -294,106 +269,284 @@ def head_for_step(step: int, head_a_steps: int, head_b_steps: int, head_a_first:
 # recipe
 
 
-def build_model(args, backbone_config, num_classes: int) -> IicForUnsupervisedSegmentation:
-    """IIC model for the trainer. `backbone: none` (no backbone config) gives the paper's VGG trunk from scratch;
-    any other backbone gives `trunk="backbone"`. Without a preset and without `model.num_overclusters`, head A
-    gets `3 * num_classes` outputs. Float options written as YAML ints or strings (`1`, `1e-4`) are converted."""
-    overrides = dict(args.model)
-    for name in _FLOAT_FIELDS & overrides.keys():
-        value = overrides[name]
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError as error:
-                raise ValueError(f"model.{name} must be a number, got {value!r}") from error
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        overrides[name] = value
-    overrides["num_classes"] = num_classes
-    trunk = overrides.get("trunk")
-    if backbone_config is None:
-        if trunk == "backbone":
-            raise ValueError(
-                "model.trunk 'backbone' needs a backbone: set `backbone:` to a Hub id, folder or random-vit-*"
-            )
-        overrides["trunk"] = "vgg"
-    else:
-        if trunk == "vgg":
-            raise ValueError(
-                "model.trunk 'vgg' is the paper's network trained from scratch: set `backbone: none` in the config"
-            )
-        overrides["trunk"] = "backbone"
-        overrides["backbone_config"] = backbone_config
-    if args.preset:
-        return IicForUnsupervisedSegmentation(IicConfig.for_dataset(args.preset, **overrides))
-    overrides.setdefault("num_overclusters", 3 * num_classes)
-    return IicForUnsupervisedSegmentation(IicConfig(**overrides))
+@dataclass
+class IicTrainingOptions(RecipeOptions):
+    """IIC's training settings (the model's architecture and loss weights are [`IicConfig`]'s).
+
+    Args:
+        max_steps, batch_size, resolution, eval_resolution, val_every:
+            The schedule (defaults: 20000 steps, our choice; IIC's COCO-Stuff-3 batch of 120 at 128 px; validation
+            every 500 steps).
+        learning_rate: Adam learning rate, constant (1e-4 COCO-Stuff, 1e-5 Potsdam-3).
+        jitter_brightness, jitter_contrast, jitter_saturation, jitter_hue:
+            Colour jitter of view 2 (defaults 0.4, 0.4, 0.4, 0.125): factors uniform in `[max(0, 1 - s), 1 + s]`
+            (hue: shift uniform in `[-s, s]`), applied in a random order, like torchvision's `ColorJitter`.
+        flip_p: Probability that view 2 is flipped horizontally.
+        mask_unlabelled:
+            Leave out of the loss the pixels whose training label is invalid (outside `[0, num_classes)`). This is
+            what IIC's released code does on COCO-Stuff-3 and Potsdam (the labels choose which pixels train); it
+            is off by default because it uses labels. The `cocostuff3`/`potsdam3` presets turn it on.
+        head_a_first: Training alternates head-B and head-A phases; IIC's default starts with head B.
+        head_a_steps, head_b_steps:
+            Length of each phase in (optimizer) steps; `None` means one pass over the training set (IIC's
+            alternation of full epochs, with `head_A_epochs = head_B_epochs = 1`).
+
+    The presets are IIC's released runs (xu-ji/IIC model 555, `"cocostuff3"`: lr 1e-4, batch 120, 128 px; model
+    545, `"potsdam3"`: lr 1e-5, batch 75, 200 px, jitter 0.1), both with `mask_unlabelled`.
+
+    Example:
+
+    ```python
+    >>> from hf_useg.models.iic.training_iic import IicTrainingOptions
+    >>> options = IicTrainingOptions.from_preset("potsdam3", max_steps=10)
+    >>> options.learning_rate, options.batch_size, options.jitter_hue, options.max_steps
+    (1e-05, 75, 0.1, 10)
+    ```
+    """
+
+    max_steps: int | None = 20000
+    batch_size: int = 120
+    resolution: int = 128
+    eval_resolution: int = 128
+    val_every: int | None = 500
+    learning_rate: float = 1e-4
+    jitter_brightness: float = 0.4
+    jitter_contrast: float = 0.4
+    jitter_saturation: float = 0.4
+    jitter_hue: float = 0.125
+    flip_p: float = 0.5
+    mask_unlabelled: bool = False
+    head_a_first: bool = False
+    head_a_steps: int | None = None
+    head_b_steps: int | None = None
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "cocostuff3": {
+            "learning_rate": 1e-4,
+            "batch_size": 120,
+            "resolution": 128,
+            "eval_resolution": 128,
+            "mask_unlabelled": True,
+        },
+        "potsdam3": {
+            "learning_rate": 1e-5,
+            "batch_size": 75,
+            "resolution": 200,
+            "eval_resolution": 200,
+            "jitter_brightness": 0.1,
+            "jitter_contrast": 0.1,
+            "jitter_saturation": 0.1,
+            "jitter_hue": 0.1,
+            "mask_unlabelled": True,
+        },
+    }
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("head_a_steps", "head_b_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be >= 1 or None (one pass over the data), got {value!r}")
+        for name in ("jitter_brightness", "jitter_contrast", "jitter_saturation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.jitter_hue <= 0.5:
+            raise ValueError(f"jitter_hue must be in [0, 0.5], got {self.jitter_hue}")
+        if not 0.0 <= self.flip_p <= 1.0:
+            raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p}")
 
 
-def train(context) -> IicForUnsupervisedSegmentation:
-    args, schedule, accelerator = context.args, context.schedule, context.accelerator
-    model: IicForUnsupervisedSegmentation = context.model
-    config = model.config
-    items = context.train_items()
-    steps = schedule["max_steps"]
-    sampler = context.sampler(len(items), schedule["batch_size"])
-    head_a_steps = config.head_a_steps or sampler.batches_per_epoch
-    head_b_steps = config.head_b_steps or sampler.batches_per_epoch
-    if config.mask_unlabelled and not items.with_labels:
-        raise ValueError("mask_unlabelled=True needs training labels, and the training set has none")
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
-    if accelerator.ddp_handler is not None or accelerator.num_processes > 1:
-        # Each step trains one head only: DDP must not wait for gradients of the other one.
-        from accelerate.utils import DistributedDataParallelKwargs
+class _ItemsWithKeys(Dataset):
+    """``(key, processed item)`` for each [`BatchIndex`] ``key``: the collate needs the step of its batch."""
 
-        accelerator.ddp_handler = accelerator.ddp_handler or DistributedDataParallelKwargs()
-        accelerator.ddp_handler.find_unused_parameters = True
-    prepared, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(prepared)
-    context.resume()
+    def __init__(self, items):
+        self.items = items
 
-    state = context.state
-    progress = tqdm(total=steps, initial=state["step"], desc="train iic", disable=not context.show_progress)
-    while state["step"] < steps:
-        epoch, first = divmod(state["step"], sampler.batches_per_epoch)
-        sampler.start(epoch, first)
-        for indices in sampler:
-            step = state["step"]
-            head = head_for_step(step, head_a_steps, head_b_steps, config.head_a_first)
-            generator = context.seed_step(step)
-            batch = collate_segmentation_batch([items[i] for i in indices])
-            views = _views_for(config, batch["pixel_values"], generator, batch.get("labels"), context.num_classes)
-            prepared.train()
-            output = prepared(
-                pixel_values=views.pixel_values.to(accelerator.device),
-                pixel_values_pair=views.pixel_values_pair.to(accelerator.device),
-                affine2_to_1=views.affine2_to_1.to(accelerator.device),
-                mask=views.mask.to(accelerator.device),
-                head=head,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(output.loss)
-            optimizer.step()
-            state["step"] = step = step + 1
-            progress.update(1)
-            if step % args.log_every == 0 or step == steps:
-                loss = output.loss.item()
-                context.check_finite(loss, step)
-                suffix = head.lower()
-                context.log(
-                    {
-                        "train/loss": loss,
-                        f"train/loss_head_{suffix}": loss,
-                        f"train/loss_no_lamb_head_{suffix}": float(output.loss_no_lamb.detach()),
-                    },
-                    step,
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: BatchIndex) -> tuple[BatchIndex, dict]:
+        return key, self.items[key.index]
+
+
+@dataclass
+class IicViewCollator:
+    """Collate of IIC's training DataLoader (runs in its workers): stacks the processed items of one batch, builds
+    their [`make_iic_views`] from the batch's step generator (`step_generator`, the generator the step's data
+    choices always came from) and names the head the step trains (`head_for_step` of the optimizer step
+    ``key.step // accumulation``).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_useg.training import BatchIndex
+    >>> collate = IicViewCollator(IicTrainingOptions(), IMAGENET_MEAN, IMAGENET_STD, 3, 1, 1)
+    >>> keys = [BatchIndex(index=i, step=1, seed=7, position=i, batch_size=2) for i in range(2)]
+    >>> batch = collate([(key, {"pixel_values": torch.zeros(3, 8, 8), "index": key.index}) for key in keys])
+    >>> batch["head"], batch["pixel_values_pair"].shape
+    ('A', torch.Size([2, 3, 8, 8]))
+    ```
+    """
+
+    options: IicTrainingOptions
+    image_mean: Sequence[float]
+    image_std: Sequence[float]
+    num_classes: int
+    head_a_steps: int
+    head_b_steps: int
+    accumulation: int = 1
+
+    def __call__(self, batch: list[tuple[BatchIndex, dict]]) -> dict[str, Any]:
+        keys = [key for key, _ in batch]
+        if len({key.seed for key in keys}) != 1:
+            raise ValueError("the items of a batch must come from one step")
+        collated = collate_segmentation_batch([item for _, item in batch])
+        options = self.options
+        views = make_iic_views(
+            collated["pixel_values"],
+            step_generator(keys[0]),
+            brightness=options.jitter_brightness,
+            contrast=options.jitter_contrast,
+            saturation=options.jitter_saturation,
+            hue=options.jitter_hue,
+            flip_p=options.flip_p,
+            image_mean=self.image_mean,
+            image_std=self.image_std,
+            labels=collated.get("labels"),
+            num_classes=self.num_classes,
+            mask_unlabelled=options.mask_unlabelled,
+        )
+        step = keys[0].step // self.accumulation
+        return {
+            "pixel_values": views.pixel_values,
+            "pixel_values_pair": views.pixel_values_pair,
+            "affine2_to_1": views.affine2_to_1,
+            "mask": views.mask,
+            "head": head_for_step(step, self.head_a_steps, self.head_b_steps, options.head_a_first),
+        }
+
+
+class IicRecipe(Recipe):
+    """IIC (Ji et al., ICCV 2019): two heads on one trunk trained with the IIC loss between an image and its
+    colour-jittered, possibly flipped copy (see the module docstring).
+
+    What is particular to IIC: the view pair is built in the DataLoader (`IicViewCollator`); each step trains one
+    head (A or B, by the step number), so `find_unused_parameters` is set for DDP; `backbone: none` trains the
+    paper's VGG trunk from scratch; `extra_evaluation` adds head A (majority matching) and IID+ (matchings fitted on
+    the labelled training split) to the summary.
+
+    Example:
+
+    ```python
+    >>> from hf_useg.training import load_training_arguments, train
+    >>> args = load_training_arguments("training/configs/iic_tiny.yaml", output_dir="outputs/iic")  # doctest: +SKIP
+    >>> train(args)["head_a_majority_accuracy"]                                                   # doctest: +SKIP
+    ```
+    """
+
+    options_class = IicTrainingOptions
+    find_unused_parameters = True
+    progress_name = "train iic"
+
+    def build_model(self, backbone_config, num_classes: int) -> IicForUnsupervisedSegmentation:
+        """`backbone: none` (no backbone config) gives the paper's VGG trunk from scratch; any other backbone gives
+        `trunk="backbone"`. Without a preset and without `model.num_overclusters`, head A gets `3 * num_classes`
+        outputs."""
+        overrides = dict(self.args.model)
+        overrides["num_classes"] = num_classes
+        trunk = overrides.get("trunk")
+        if backbone_config is None:
+            if trunk == "backbone":
+                raise ValueError(
+                    "model.trunk 'backbone' needs a backbone: set `backbone:` to a Hub id, folder or random-vit-*"
                 )
-                progress.set_postfix(loss=f"{loss:.4f}", head=head)
-            context.after_step(unwrapped, step)
-            if step >= steps:
-                break
-    progress.close()
-    return unwrapped
+            overrides["trunk"] = "vgg"
+        else:
+            if trunk == "vgg":
+                raise ValueError(
+                    "model.trunk 'vgg' is the paper's network trained from scratch: set `backbone: none` in the config"
+                )
+            overrides["trunk"] = "backbone"
+            overrides["backbone_config"] = backbone_config
+        if self.args.preset:
+            return IicForUnsupervisedSegmentation(IicConfig.for_dataset(self.args.preset, **overrides))
+        overrides.setdefault("num_overclusters", 3 * num_classes)
+        return IicForUnsupervisedSegmentation(IicConfig(**overrides))
+
+    def setup(self, model, run) -> None:
+        super().setup(model, run)
+        self.image_mean, self.image_std = list(model.config.image_mean), list(model.config.image_std)
+        self.items = ProcessedSegmentationDataset(run.train_set, run.train_processor, run.num_classes)
+        if self.options.mask_unlabelled and not self.items.with_labels:
+            raise ValueError("mask_unlabelled=True needs training labels, and the training set has none")
+
+    def make_optimizer(self, model) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.options.learning_rate)
+
+    def train_dataloader(self, batches: StepBatchSampler) -> DataLoader:
+        accumulation = self.args.gradient_accumulation_steps
+        steps_per_epoch = max(1, batches.batches_per_epoch // accumulation)
+        collate = IicViewCollator(
+            self.options,
+            self.image_mean,
+            self.image_std,
+            self.run.num_classes,
+            head_a_steps=self.options.head_a_steps or steps_per_epoch,
+            head_b_steps=self.options.head_b_steps or steps_per_epoch,
+            accumulation=accumulation,
+        )
+        return DataLoader(
+            _ItemsWithKeys(self.items),
+            batch_sampler=batches,
+            num_workers=self.args.num_workers,
+            collate_fn=collate,
+        )
+
+    def training_step(self, model, batch: dict[str, Any]) -> TrainingStepOutput:
+        head = batch["head"]
+        output = model(
+            pixel_values=batch["pixel_values"],
+            pixel_values_pair=batch["pixel_values_pair"],
+            affine2_to_1=batch["affine2_to_1"],
+            mask=batch["mask"],
+            head=head,
+        )
+        suffix = head.lower()
+        logs = {
+            f"loss_head_{suffix}": output.loss.detach(),
+            f"loss_no_lamb_head_{suffix}": output.loss_no_lamb.detach(),
+        }
+        return TrainingStepOutput(loss=output.loss, logs=logs)
+
+    def extra_evaluation(self, model) -> dict[str, float | None]:
+        """Both heads on the validation split (`head_a_majority_*`, `head_b_hungarian_*`) and, when the training
+        split is labelled, IID+ (`*_iid_plus_*`, matching fitted on the training split). Same protocol as the
+        loop's final evaluation (eval resolution, `final_flip_tta`)."""
+        run = self.run
+        if run.val_set is None or "label" not in run.val_set.column_names:
+            return {}
+        fit_dataset = run.train_set if "label" in run.train_set.column_names else None
+        results = evaluate_iic_heads(
+            model,
+            run.val_set,
+            run.eval_processor,
+            run.num_classes,
+            fit_dataset=fit_dataset,
+            batch_size=self.args.eval_batch_size,
+            flip_tta=self.args.final_flip_tta,
+            max_images=self.args.max_val_images,
+            accelerator=run.accelerator,
+            progress=run.show_progress,
+        )
+        summary = {}
+        for name, values in results.items():
+            for key in ("accuracy", "mean_iou"):
+                value = float(values[key])
+                summary[f"{name}_{key}"] = None if math.isnan(value) else value
+        return summary
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,12 +568,11 @@ def _head_confusions(
     progress: bool,
     desc: str,
 ) -> dict[str, torch.Tensor]:
-    if max_images is not None:
-        dataset = dataset.select(range(min(max_images, len(dataset))))
-    items = ProcessedSegmentationDataset(dataset, image_processor, num_classes=num_classes, with_labels=True)
-    loader = DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=collate_segmentation_batch)
+    # each process scores its own images (no padding duplicates); the confusion matrices are summed after
+    loader = evaluation_loader(
+        dataset, image_processor, num_classes, batch_size=batch_size, max_images=max_images, accelerator=accelerator
+    )
     if accelerator is not None:
-        loader = accelerator.prepare_data_loader(loader)
         device = accelerator.device
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device)
@@ -487,31 +639,3 @@ def evaluate_iic_heads(
         results["head_b_hungarian_iid_plus"] = fit_and_score(fit["B"], confusion["B"], "hungarian")
         results["head_a_majority_iid_plus"] = fit_and_score(fit["A"], confusion["A"], "majority")
     return results
-
-
-def final_evaluation(context, model: IicForUnsupervisedSegmentation) -> dict[str, float]:
-    """Extra numbers for the trainer's summary: both heads on the validation split (`head_a_majority_*`,
-    `head_b_hungarian_*`) and, when the training split is labelled, IID+ (`*_iid_plus_*`, matching fitted on the
-    training split). Same protocol as the trainer's final evaluation (eval resolution, `final_flip_tta`)."""
-    val_set = context.val_set
-    if val_set is None or "label" not in val_set.column_names:
-        return {}
-    fit_dataset = context.train_set if "label" in context.train_set.column_names else None
-    results = evaluate_iic_heads(
-        model,
-        val_set,
-        context.eval_processor,
-        context.num_classes,
-        fit_dataset=fit_dataset,
-        batch_size=context.args.eval_batch_size,
-        flip_tta=context.args.final_flip_tta,
-        max_images=context.args.max_val_images,
-        accelerator=context.accelerator,
-        progress=context.show_progress,
-    )
-    summary = {}
-    for name, values in results.items():
-        for key in ("accuracy", "mean_iou"):
-            value = float(values[key])
-            summary[f"{name}_{key}"] = None if math.isnan(value) else value
-    return summary
