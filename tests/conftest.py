@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_configs import tiny_dinov2_config, tiny_resnet_config, tiny_vit_config
+from transformers import Dinov2Config, ResNetConfig, ViTConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -35,3 +37,24 @@ def camvid_root(shared_data: Path) -> Path:
     if not root.is_dir():
         pytest.skip(f"CamVid not found at {root}")
     return root
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tiny random backbones (tests/tiny_configs.py; import the functions there for module-level use)
+
+
+@pytest.fixture
+def tiny_vit() -> ViTConfig:
+    """A fresh 1-layer, 32-channel ViT config with 8x8 patches (see `tiny_configs.tiny_vit_config`)."""
+    return tiny_vit_config()
+
+
+@pytest.fixture
+def tiny_dinov2() -> Dinov2Config:
+    return tiny_dinov2_config()
+
+
+@pytest.fixture
+def tiny_resnet() -> ResNetConfig:
+    """A fresh ResNet-18-shaped config with one basic block per stage (see `tiny_configs.tiny_resnet_config`)."""
+    return tiny_resnet_config()

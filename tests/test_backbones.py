@@ -11,12 +11,11 @@ import torch
 import torch.nn.functional as F
 from reference_dino_vit import ReferenceDinoViT
 from safetensors.torch import save_file
+from tiny_configs import tiny_dinov2_config, tiny_resnet_config, tiny_vit_config
 from torch import nn
 from transformers import (
-    Dinov2Config,
     Dinov2WithRegistersConfig,
     DINOv3ViTConfig,
-    ResNetConfig,
     ViTConfig,
     ViTModel,
 )
@@ -37,18 +36,9 @@ from hf_useg.convert.dino_vit import (
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
-def tiny_vit_config(**overrides) -> ViTConfig:
-    kwargs = {
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 128,  # DINO's MLP ratio 4, like the reference
-        "patch_size": 8,
-        "image_size": 32,
-        "layer_norm_eps": 1e-6,
-    }
-    kwargs.update(overrides)
-    return ViTConfig(**kwargs)
+def reference_vit_config(**overrides) -> ViTConfig:
+    """The shared tiny ViT shaped like the `TINY` reference: 2 layers, DINO's MLP ratio 4."""
+    return tiny_vit_config(**{"num_hidden_layers": 2, "intermediate_size": 128, **overrides})
 
 
 def backbone_from_reference(reference: ReferenceDinoViT, mode: str = "dino", **config_overrides) -> FeatureBackbone:
@@ -159,7 +149,7 @@ def test_cls_attention_matches_reference(tiny_reference, tiny_backbone):
 
 def test_frozen_backbone_has_no_gradients_and_stays_in_eval():
     parent = nn.Module()
-    parent.backbone = FeatureBackbone(tiny_vit_config(hidden_dropout_prob=0.5), frozen=True)
+    parent.backbone = FeatureBackbone(reference_vit_config(hidden_dropout_prob=0.5), frozen=True)
     parent.head = nn.Linear(2, 2)
     parent.train()
     assert parent.head.training
@@ -170,7 +160,7 @@ def test_frozen_backbone_has_no_gradients_and_stays_in_eval():
     assert not out.feature_map.requires_grad
     torch.testing.assert_close(out.feature_map, parent.backbone(pixels).feature_map)  # dropout is off
 
-    trainable = FeatureBackbone(tiny_vit_config())
+    trainable = FeatureBackbone(reference_vit_config())
     trainable.train()
     assert trainable.training
     trainable(torch.randn(1, 3, 32, 32)).feature_map.sum().backward()
@@ -178,14 +168,7 @@ def test_frozen_backbone_has_no_gradients_and_stays_in_eval():
 
 
 def test_dinov2_backbone():
-    config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=8,
-        image_size=32,
-    )
+    config = tiny_dinov2_config(num_hidden_layers=2)
     backbone = FeatureBackbone(config).eval()
     assert backbone.pos_embed_interpolation == "transformers"
     pixels = torch.randn(2, 3, 48, 40)
@@ -245,9 +228,7 @@ def test_dinov3_backbone_shapes():
 
 
 def test_auto_backbone_resnet_uses_the_named_stage_or_the_last_one():
-    config = ResNetConfig(
-        embedding_size=8, hidden_sizes=[8, 16, 16, 24], depths=[1, 1, 1, 1], out_features=["stage2", "stage3"]
-    )
+    config = tiny_resnet_config(out_features=["stage2", "stage3"])
     backbone = FeatureBackbone(config).eval()
     assert config.out_features == ["stage2", "stage3"]  # the caller's config is not modified
     assert backbone.model.out_features == ["stage4"]  # several stages named: the last stage
@@ -264,9 +245,7 @@ def test_auto_backbone_resnet_uses_the_named_stage_or_the_last_one():
     with pytest.raises(ValueError, match="'dino' applies to"):
         FeatureBackbone(config, pos_embed_interpolation="dino")
     # exactly one stage named: that stage (stride 8 for stage2)
-    stage2 = FeatureBackbone(
-        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 24], depths=[1, 1, 1, 1], out_features=["stage2"])
-    ).eval()
+    stage2 = FeatureBackbone(tiny_resnet_config(out_features=["stage2"])).eval()
     assert stage2.model.out_features == ["stage2"]
     assert stage2.patch_size == 8 and stage2.hidden_size == 16
     with torch.no_grad():
@@ -285,7 +264,7 @@ def test_bad_inputs_raise_clear_errors(tiny_backbone):
     with pytest.raises(TypeError, match="torch.Tensor"):
         tiny_backbone([[0.0]])
     with pytest.raises(ValueError, match="pos_embed_interpolation must be one of"):
-        FeatureBackbone(tiny_vit_config(), pos_embed_interpolation="bilinear")
+        FeatureBackbone(reference_vit_config(), pos_embed_interpolation="bilinear")
     with pytest.raises(ValueError, match="unsupported backbone config"):
         FeatureBackbone(__import__("transformers").BertConfig())
 
@@ -313,7 +292,7 @@ def test_parameter_names_and_state_dict_round_trip(tiny_backbone):
 
 def test_from_pretrained_local_folder_sets_dino_eps(tmp_path, tiny_reference, caplog):
     reference_backbone = backbone_from_reference(tiny_reference, "dino")
-    stored = ViTModel(tiny_vit_config(layer_norm_eps=1e-12), add_pooling_layer=False)
+    stored = ViTModel(reference_vit_config(layer_norm_eps=1e-12), add_pooling_layer=False)
     stored.load_state_dict(reference_backbone.model.state_dict())
     stored.save_pretrained(tmp_path)
 
@@ -337,7 +316,7 @@ def test_from_pretrained_local_folder_sets_dino_eps(tmp_path, tiny_reference, ca
 
 def test_from_pretrained_reads_transformers_4_weight_names(tmp_path):
     """Hub DINO checkpoints (facebook/dino-vits8, ...) were saved with transformers-4 names."""
-    config = tiny_vit_config()
+    config = reference_vit_config()
     model = ViTModel(config, add_pooling_layer=False).eval()
     renames = [
         ("layers.", "encoder.layer."),
@@ -365,23 +344,14 @@ def test_from_pretrained_reads_transformers_4_weight_names(tmp_path):
 
 
 def test_from_pretrained_dinov2_and_resnet_folders(tmp_path):
-    dinov2 = FeatureBackbone(
-        Dinov2Config(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            patch_size=8,
-            image_size=32,
-        )
-    ).eval()
+    dinov2 = FeatureBackbone(tiny_dinov2_config()).eval()
     dinov2.model.save_pretrained(tmp_path / "dinov2")
     loaded = FeatureBackbone.from_pretrained(str(tmp_path / "dinov2")).eval()
     pixels = torch.randn(1, 3, 48, 40)
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixels).feature_map, dinov2(pixels).feature_map)
 
-    resnet = FeatureBackbone(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).eval()
+    resnet = FeatureBackbone(tiny_resnet_config(hidden_sizes=[8, 16], depths=[1, 1])).eval()
     resnet.model.save_pretrained(tmp_path / "resnet")
     loaded = FeatureBackbone.from_pretrained(str(tmp_path / "resnet")).eval()
     pixels = torch.randn(1, 3, 64, 64)
@@ -412,7 +382,7 @@ def test_dino_vit_config_shapes():
 def test_converter_splits_qkv_and_round_trips(tiny_reference):
     dino = tiny_reference.state_dict()
     hf = convert_dino_vit_state_dict(dino)
-    assert set(hf) == set(ViTModel(tiny_vit_config(), add_pooling_layer=False).state_dict())
+    assert set(hf) == set(ViTModel(reference_vit_config(), add_pooling_layer=False).state_dict())
     qkv_w, qkv_b = dino["blocks.1.attn.qkv.weight"], dino["blocks.1.attn.qkv.bias"]
     assert torch.equal(hf["layers.1.attention.q_proj.weight"], qkv_w[:32])
     assert torch.equal(hf["layers.1.attention.k_proj.weight"], qkv_w[32:64])
@@ -448,7 +418,7 @@ def test_converter_prefix_and_inferred_config():
 
 
 def test_converter_rejects_non_dino_state_dicts(tiny_reference):
-    vit_names = ViTModel(tiny_vit_config(), add_pooling_layer=False).state_dict()
+    vit_names = ViTModel(reference_vit_config(), add_pooling_layer=False).state_dict()
     with pytest.raises(KeyError, match="not a DINO/timm ViT state dict: missing"):
         convert_dino_vit_state_dict(vit_names)
     with pytest.raises(KeyError, match="no key starts with prefix 'net.model.'"):

@@ -1,25 +1,34 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, ViTConfig
+from segmenter_tester import UnsupervisedSegmenterTesterMixin
+from tiny_configs import tiny_vit_config
 
 from hf_useg import DinoForUnsupervisedSegmentation, DinoSegmentationConfig
 from hf_useg.evaluation import UnsupervisedSegmentationMetric
 
-TINY_VIT = ViTConfig(
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=64,
-    patch_size=8,
-    image_size=32,
-    layer_norm_eps=1e-6,
-)
-
 
 def tiny_model(num_clusters: int = 3) -> DinoForUnsupervisedSegmentation:
     torch.manual_seed(0)
-    return DinoForUnsupervisedSegmentation(DinoSegmentationConfig(backbone_config=TINY_VIT, num_clusters=num_clusters))
+    config = DinoSegmentationConfig(backbone_config=tiny_vit_config(), num_clusters=num_clusters)
+    return DinoForUnsupervisedSegmentation(config)
+
+
+class TestDinoKmeansSegmenter(UnsupervisedSegmenterTesterMixin):
+    """The common checks (tests/segmenter_tester.py) on a fitted model; the round trip keeps the centroids (exactly)
+    and the fitted state."""
+
+    model_class = DinoForUnsupervisedSegmentation
+    predict_matches_forward = True
+
+    def make_model(self):
+        model = tiny_model()
+        model.fit([torch.randn(3, 3, 32, 32)], progress=False)
+        return model
+
+    def check_reloaded(self, model, reloaded, pixel_values):
+        assert reloaded.is_fitted
+        torch.testing.assert_close(reloaded.cluster_probe.clusters, model.cluster_probe.clusters, rtol=0, atol=0)
 
 
 def test_unfitted_model_refuses_to_predict():
@@ -32,7 +41,7 @@ def test_fit_gives_nearest_centroid_predictions():
     model = tiny_model()
     batches = [torch.randn(4, 3, 32, 32) for _ in range(3)]
     result = model.fit(batches, progress=False, num_init=2)
-    assert model.config.is_fitted
+    assert model.is_fitted
     torch.testing.assert_close(model.cluster_probe.clusters, result.centroids)
     # k-means labels of the fitted vectors equal argmax cosine of the model's features (nearest centroid)
     features = torch.cat([model.backbone(b).feature_map for b in batches])
@@ -73,19 +82,6 @@ def test_kmeans_on_features_separates_two_flat_colours():
     # compare at patch resolution where the boundary falls on patch edges
     metric.update(prediction[:, 4::8, 4::8], labels[:, 4::8, 4::8])
     assert metric.compute()["accuracy"] == 1.0
-
-
-def test_save_load_keeps_centroids(tmp_path):
-    model = tiny_model()
-    model.fit([torch.randn(3, 3, 32, 32)], progress=False)
-    model.save_pretrained(tmp_path)
-    loaded = AutoModel.from_pretrained(tmp_path)
-    assert isinstance(loaded, DinoForUnsupervisedSegmentation) and loaded.config.is_fitted
-    torch.testing.assert_close(loaded.cluster_probe.clusters, model.cluster_probe.clusters, rtol=0, atol=0)
-    pixel_values = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(
-        loaded.predict(pixel_values).cluster_log_probs, model.predict(pixel_values).cluster_log_probs
-    )
 
 
 def test_config_validation():

@@ -1,30 +1,21 @@
 """IicConfig / IicForUnsupervisedSegmentation: config checks, Sobel input by hand, shapes, loss wiring against
 `iic_segmentation_loss`, prediction order, initialisation and save/load round trips."""
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassFieldValidationError
-from transformers import AutoConfig, AutoModel, ViTConfig
+from segmenter_tester import RELOAD_TOLERANCE, UnsupervisedSegmenterTesterMixin
+from tiny_configs import tiny_vit_config
 
 import hf_useg  # noqa: F401  (registers the Auto classes)
 from hf_useg import IicConfig, IicForUnsupervisedSegmentation
 from hf_useg.models.iic import iic_segmentation_loss, iic_trunk_input, sobel_channels
 
 TINY_VGG = dict(vgg_channels=[8, 8, 16, 16, 16, 16], num_classes=3, num_overclusters=7, displacement=2)
-TINY_VIT = ViTConfig(
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=64,
-    patch_size=8,
-    image_size=32,
-    layer_norm_eps=1e-6,
-)
+TINY_VIT = tiny_vit_config()  # shared by the config tests below, never modified
 FLIP = torch.tensor([[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -44,14 +35,29 @@ def test_config_defaults_are_the_paper_trunk_and_presets_the_released_runs():
     assert config.trunk == "vgg" and config.backbone_config is None
     assert config.vgg_channels == [64, 128, 256, 256, 512, 512] and config.vgg_dilations == [1, 1, 1, 1, 2, 2]
     assert config.input_mode == "rgb_sobel" and config.displacement == 10 and config.uncollapsed
+    assert (config.jitter_brightness, config.jitter_contrast, config.jitter_saturation, config.jitter_hue) == (
+        0.4,
+        0.4,
+        0.4,
+        0.125,
+    )
     assert config.num_labels == 3 and config.id2label == {0: "cluster_0", 1: "cluster_1", 2: "cluster_2"}
     coco = IicConfig.for_dataset("cocostuff3")
-    assert (coco.num_overclusters, coco.lamb_a, coco.lamb_b, coco.input_mode) == (15, 1.0, 1.5, "rgb_sobel")
-    potsdam = IicConfig.for_dataset("potsdam3", num_sub_heads=2)
-    assert (potsdam.num_overclusters, potsdam.lamb_b, potsdam.input_mode) == (24, 1.5, "rgb")
-    assert potsdam.num_sub_heads == 2
-    # the released runs' training settings are the recipe's presets (tests/test_iic_training.py)
-    assert not any(hasattr(coco, name) for name in ("learning_rate", "batch_size", "jitter_hue", "mask_unlabelled"))
+    assert (coco.num_overclusters, coco.lamb_a, coco.lamb_b, coco.learning_rate, coco.batch_size) == (
+        15,
+        1.0,
+        1.5,
+        1e-4,
+        120,
+    )
+    potsdam = IicConfig.for_dataset("potsdam3", max_steps=5)
+    assert (potsdam.num_overclusters, potsdam.learning_rate, potsdam.resolution, potsdam.jitter_hue) == (
+        24,
+        1e-5,
+        200,
+        0.1,
+    )
+    assert potsdam.max_steps == 5
     with pytest.raises(ValueError, match="unknown IIC preset 'coco'"):
         IicConfig.for_dataset("coco")
 
@@ -75,6 +81,9 @@ def test_trunk_follows_backbone_config_and_defaults_to_dino_vits8():
         (dict(num_sub_heads=2, eval_sub_head=2), "eval_sub_head"),
         (dict(displacement=-1), "displacement must be >= 0"),
         (dict(lamb_b=0.0), "lamb_b must be > 0"),
+        (dict(flip_p=1.5), "flip_p"),
+        (dict(jitter_hue=0.7), "jitter_hue"),
+        (dict(head_a_steps=0), "head_a_steps"),
         (dict(id2label={0: "a"}), "id2label has 1 entries"),
         (dict(num_labels=5), "num_labels"),
     ],
@@ -89,29 +98,6 @@ def test_field_types_are_checked():
         IicConfig(lamb_b="1.5")
     with pytest.raises(StrictDataclassFieldValidationError, match="vgg_channels"):
         IicConfig(vgg_channels=[8.0, 8.0, 16.0])
-    assert IicConfig(lamb_a=2).lamb_a == 2  # YAML ints are numbers too
-
-
-def test_a_config_json_of_the_previous_release_loads_without_its_training_settings():
-    # written by the release before the training recipes (IIC tiny run): it still holds learning_rate, max_steps,
-    # the jitter, the head alternation...; those are the recipe's options now and are dropped on load
-    path = Path(__file__).parent / "fixtures" / "iic_old_config.json"
-    saved = json.loads(path.read_text())
-    assert saved["learning_rate"] == 0.001 and saved["head_a_steps"] == 2 and saved["max_steps"] == 20000
-    config = IicConfig.from_pretrained(path)
-    assert (config.vgg_channels, config.num_overclusters, config.displacement) == ([8, 8, 16, 16, 16, 16], 9, 2)
-    assert config.id2label[2] == "synthetic-class-2" and config.backbone_name == saved["backbone_name"]
-    for name in (
-        "learning_rate",
-        "max_steps",
-        "batch_size",
-        "jitter_hue",
-        "flip_p",
-        "mask_unlabelled",
-        "head_a_steps",
-    ):
-        assert not hasattr(config, name), name
-        assert name not in config.to_dict(), name
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -193,12 +179,9 @@ def test_backbone_trunk_shapes_projection_and_freezing():
     assert all(p.requires_grad for p in unfrozen.backbone.parameters())
 
 
-def test_bad_inputs_are_named():
+def test_bad_training_inputs_are_named():
+    # channels, dtype and patch-size multiples: TestIicVggSegmenter / TestIicBackboneSegmenter
     model = tiny_model()
-    with pytest.raises(ValueError, match="not divisible by the patch size 2"):
-        model(torch.randn(1, 3, 15, 16))
-    with pytest.raises(ValueError, match="4 channels, expected 3"):
-        model(torch.randn(1, 4, 16, 16))
     with pytest.raises(ValueError, match="head must be 'A'"):
         model(torch.randn(1, 3, 16, 16), head="C")
     with pytest.raises(ValueError, match="pixel_values_pair .* must match"):
@@ -346,25 +329,35 @@ def test_convs_use_kaiming_normal_fan_in_and_batchnorm_starts_at_identity():
     assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0) and torch.all(norm.running_var == 1)
 
 
-@pytest.mark.parametrize("trunk", ["vgg", "backbone"])
-def test_save_and_reload_round_trip(tmp_path, trunk):
-    if trunk == "vgg":
-        model = tiny_model(num_sub_heads=2)
-    else:
-        torch.manual_seed(0)
-        model = IicForUnsupervisedSegmentation(IicConfig(backbone_config=TINY_VIT, projection_dim=6)).eval()
-    # running statistics are part of the state
-    model.train()
-    model(torch.randn(2, 3, 16, 16))
-    model.eval()
-    model.save_pretrained(tmp_path)
-    assert AutoConfig.from_pretrained(tmp_path).model_type == "iic"
-    for loaded in (IicForUnsupervisedSegmentation.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
-        assert type(loaded) is IicForUnsupervisedSegmentation and loaded.config.trunk == trunk
-        for key, value in model.state_dict().items():
-            assert torch.equal(loaded.state_dict()[key], value), key
-        pixel_values = torch.randn(1, 3, 16, 16)
+class TestIicVggSegmenter(UnsupervisedSegmenterTesterMixin):
+    """The common checks (tests/segmenter_tester.py) on the VGG trunk (stride 2, BatchNorm statistics in the state,
+    two sub-heads); the round trip also keeps head A's predictions."""
+
+    model_class = IicForUnsupervisedSegmentation
+    image_size = (16, 16)
+    odd_image_size = (15, 16)
+    output_size = (20, 24)
+    predict_matches_forward = True
+
+    def make_model(self):
+        return tiny_model(num_sub_heads=2)
+
+    def check_reloaded(self, model, reloaded, pixel_values):
+        assert reloaded.config.trunk == model.config.trunk
         torch.testing.assert_close(
-            loaded.eval().predict(pixel_values, head="A").cluster_log_probs,
+            reloaded.predict(pixel_values, head="A").cluster_log_probs,
             model.predict(pixel_values, head="A").cluster_log_probs,
+            **RELOAD_TOLERANCE,
         )
+
+
+class TestIicBackboneSegmenter(TestIicVggSegmenter):
+    """The same on a ViT trunk with a projection."""
+
+    image_size = (32, 32)
+    odd_image_size = (30, 32)
+    output_size = (20, 28)
+
+    def make_model(self):
+        torch.manual_seed(0)
+        return IicForUnsupervisedSegmentation(IicConfig(backbone_config=tiny_vit_config(), projection_dim=6))

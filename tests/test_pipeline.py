@@ -16,11 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoModelForSemanticSegmentation, ViTConfig, pipeline
+from segmenter_tester import check_pipeline_segments
+from tiny_configs import tiny_vit_config
+from transformers import AutoModelForSemanticSegmentation, pipeline
 
-import hf_useg
 from hf_useg import DinoForUnsupervisedSegmentation, StegoForUnsupervisedSegmentation
 from hf_useg.image_processing import UnsupervisedSegmentationImageProcessor, whole_image_processor
+from hf_useg.registry import methods
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO_ROOT / "training" / "configs" / "stego_tiny.yaml"
@@ -29,7 +31,7 @@ TINY_CONFIG = REPO_ROOT / "training" / "configs" / "stego_tiny.yaml"
 @pytest.fixture(scope="module")
 def trained_model_dir(tmp_path_factory) -> Path:
     """A tiny STEGO model trained on the generated scenes (2 steps), saved the way training saves it."""
-    from hf_useg.trainer import load_training_arguments, train
+    from hf_useg.training import load_training_arguments, train
 
     output_dir = tmp_path_factory.mktemp("stego-tiny")
     args = load_training_arguments(
@@ -44,56 +46,6 @@ def _scene(height: int, width: int, seed: int = 3) -> Image.Image:
     return make_synthetic_scenes(1, (height, width), num_classes=3, seed=seed)[0]["image"]
 
 
-def _reference_maps(model, processor, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """(from the forward's logits, from `predict` at feature resolution without TTA), each bilinearly upsampled to
-    the image size and arg-maxed."""
-    pixel_values = processor(image, return_tensors="pt")["pixel_values"]
-    patch = model.backbone.patch_size
-    feature_size = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
-    maps = []
-    with torch.no_grad():
-        logits = model(pixel_values).logits
-    log_probs = model.predict(pixel_values, output_size=feature_size, flip_tta=False).cluster_log_probs
-    for scores in (logits, log_probs):
-        assert scores.shape[-2:] == feature_size
-        upsampled = F.interpolate(scores, size=(image.height, image.width), mode="bilinear", align_corners=False)
-        maps.append(upsampled.argmax(1)[0].numpy())
-    return maps[0], maps[1]
-
-
-def _union_of_masks(segments: list[dict], label2id: dict[str, int], size: tuple[int, int]) -> np.ndarray:
-    """The label map the masks describe; every pixel must be in exactly one mask."""
-    width, height = size
-    union = np.full((height, width), -1, dtype=np.int64)
-    for segment in segments:
-        mask = segment["mask"]
-        assert mask.mode == "L" and mask.size == size
-        pixels = np.asarray(mask)
-        assert set(np.unique(pixels)) <= {0, 255}
-        assert (union[pixels == 255] == -1).all(), "masks overlap"
-        union[pixels == 255] = label2id[segment["label"]]
-    assert (union >= 0).all(), "masks do not cover the image"
-    return union
-
-
-def _check_segments(segmenter, model, image: Image.Image, predict_equal: bool = True) -> list[dict]:
-    segments = segmenter(image)
-    id2label = model.config.id2label
-    label2id = {name: cluster for cluster, name in id2label.items()}
-    assert len(label2id) == len(id2label), "test models need distinct segment names"
-    union = _union_of_masks(segments, label2id, image.size)
-    processor = UnsupervisedSegmentationImageProcessor.from_pretrained(segmenter.model.name_or_path)
-    reference, from_predict = _reference_maps(model, processor, image)
-    np.testing.assert_array_equal(union, reference)
-    if predict_equal:  # models whose forward logits are predict's log-probabilities at feature resolution
-        np.testing.assert_array_equal(union, from_predict)
-    # one segment per cluster present, in cluster order, labelled from id2label, no score
-    present = np.unique(reference).tolist()
-    assert [segment["label"] for segment in segments] == [id2label[cluster] for cluster in present]
-    assert all(segment["score"] is None for segment in segments)
-    return segments
-
-
 def test_trained_stego_folder_in_pipeline(trained_model_dir):
     segmenter = pipeline("image-segmentation", model=str(trained_model_dir))
     model = segmenter.model
@@ -103,7 +55,7 @@ def test_trained_stego_folder_in_pipeline(trained_model_dir):
     # the names the Hungarian matching gave the clusters
     assert sorted(model.config.id2label.values()) == [f"synthetic-class-{i}" for i in range(3)]
     image = _scene(45, 70)  # non-square, not a multiple of the patch size
-    segments = _check_segments(segmenter, model, image)
+    segments = check_pipeline_segments(segmenter, image, predict_equal=True)
     assert all(segment["mask"].size == (70, 45) for segment in segments)
 
 
@@ -141,23 +93,11 @@ def test_pipeline_rejects_instance_subtask(trained_model_dir):
 # every registered segmentation model
 
 
-def _tiny_backbone() -> ViTConfig:
-    return ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=8,
-        image_size=32,
-        layer_norm_eps=1e-6,
-    )
-
-
 def _save_tiny_model(config_class, model_class, folder: Path) -> None:
     torch.manual_seed(0)
-    model = model_class(config_class(backbone_config=_tiny_backbone()))
+    model = model_class(config_class(backbone_config=tiny_vit_config()))
     # methods whose clusters come from k-means need fitted centroids before they can segment
-    if hasattr(model, "fit") and hasattr(model.config, "is_fitted"):
+    if hasattr(model, "fit") and hasattr(model, "is_fitted"):
         model.fit([torch.randn(4, 3, 32, 32)], progress=False)
     elif hasattr(model, "set_centroids"):
         model.set_centroids(F.normalize(torch.randn(model.centroids.shape), dim=1))
@@ -170,12 +110,15 @@ def _save_tiny_model(config_class, model_class, folder: Path) -> None:
     whole_image_processor(32, 8).save_pretrained(folder)
 
 
-@pytest.mark.parametrize(
-    "config_class, model_class",
-    hf_useg._SEGMENTATION_MODELS,
-    ids=[config_class.model_type for config_class, _ in hf_useg._SEGMENTATION_MODELS],
-)
-def test_every_segmentation_model_works_in_pipeline(config_class, model_class, tmp_path):
+# every method of hf_useg.registry that serves the image-segmentation pipeline (a new method is covered as soon as
+# its folder declares it); each method's own model test also runs tests/segmenter_tester.py's pipeline check
+SEGMENTATION_METHODS = [spec for spec in methods().values() if spec.pipeline_task == "image-segmentation"]
+
+
+@pytest.mark.parametrize("spec", SEGMENTATION_METHODS, ids=[spec.name for spec in SEGMENTATION_METHODS])
+def test_every_segmentation_model_works_in_pipeline(spec, tmp_path):
+    config_class, model_class = spec.load_config_class(), spec.load_model_class()
+    assert config_class.model_type == spec.model_type
     _save_tiny_model(config_class, model_class, tmp_path)
     assert type(AutoModelForSemanticSegmentation.from_pretrained(tmp_path)) is model_class
     segmenter = pipeline("image-segmentation", model=str(tmp_path))
@@ -187,5 +130,5 @@ def test_every_segmentation_model_works_in_pipeline(config_class, model_class, t
         logits = segmenter.model(torch.randn(1, 3, 32, 32)).logits
     log_probabilities = torch.allclose(logits.logsumexp(1), torch.zeros(()), atol=1e-5)
     assert log_probabilities or model_class not in (StegoForUnsupervisedSegmentation, DinoForUnsupervisedSegmentation)
-    segments = _check_segments(segmenter, segmenter.model, image, predict_equal=log_probabilities)
+    segments = check_pipeline_segments(segmenter, image, predict_equal=log_probabilities)
     assert all(segment["label"].startswith(f"{config_class.model_type}-part-") for segment in segments)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_configs import tiny_vit_config
 from transformers import PreTrainedConfig, ViTConfig
 
 from hf_useg.models.stego.configuration_stego import StegoConfig
@@ -31,14 +32,8 @@ LOSS_FIELDS = {
 
 
 def tiny_vit() -> ViTConfig:
-    return ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=8,
-        image_size=32,
-    )
+    # transformers' LayerNorm eps (1e-12), not DINO's: the backbone-dict tests below tell the two apart
+    return tiny_vit_config(num_hidden_layers=2, layer_norm_eps=1e-12)
 
 
 def test_defaults_are_the_cocostuff_release():

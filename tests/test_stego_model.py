@@ -1,26 +1,27 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoModelForSemanticSegmentation, Dinov2Config, ViTConfig
+from segmenter_tester import UnsupervisedSegmenterTesterMixin
+from tiny_configs import tiny_dinov2_config, tiny_vit_config
 
 import hf_useg
 from hf_useg import StegoConfig, StegoForUnsupervisedSegmentation
 
-TINY_VIT = dict(
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=64,
-    patch_size=8,
-    image_size=32,
-    layer_norm_eps=1e-6,
-)
-
 
 def tiny_model(**overrides) -> StegoForUnsupervisedSegmentation:
     torch.manual_seed(0)
-    config = StegoConfig(backbone_config=ViTConfig(**TINY_VIT), dim=6, num_classes=3, **overrides)
+    config = StegoConfig(backbone_config=tiny_vit_config(), dim=6, num_classes=3, **overrides)
     return StegoForUnsupervisedSegmentation(config)
+
+
+class TestStegoSegmenter(UnsupervisedSegmenterTesterMixin):
+    """The common checks (tests/segmenter_tester.py), with extra clusters: K = num_classes + extra_clusters = 5."""
+
+    model_class = StegoForUnsupervisedSegmentation
+    predict_matches_forward = True
+
+    def make_model(self):
+        return tiny_model(extra_clusters=2)
 
 
 def test_forward_shapes_and_loss_parts():
@@ -97,26 +98,20 @@ def test_predict_with_crf_returns_marginals():
         model.predict(torch.randn(1, 3, 32, 32), crf=True, images=torch.zeros(1, 16, 16, 3, dtype=torch.uint8).numpy())
 
 
-def test_save_load_round_trip_and_auto_classes(tmp_path):
+def test_cluster_names_and_extra_clusters_survive_reload(tmp_path):
+    # the round trip itself (weights exact, Auto classes, outputs) is TestStegoSegmenter's
     model = tiny_model(extra_clusters=2).eval()
     model.set_cluster_names([2, 0, -1, 1, -1], ["road", "sky", "car"])
     model.save_pretrained(tmp_path)
-    assert AutoConfig.from_pretrained(tmp_path).model_type == "stego"
-    for auto in (AutoModel, AutoModelForSemanticSegmentation, StegoForUnsupervisedSegmentation):
-        loaded = auto.from_pretrained(tmp_path).eval()
-        assert isinstance(loaded, StegoForUnsupervisedSegmentation)
-        for key, value in model.state_dict().items():
-            torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    loaded = hf_useg.StegoForUnsupervisedSegmentation.from_pretrained(tmp_path)
     assert loaded.config.id2label == {0: "car", 1: "road", 2: "unmatched_2", 3: "sky", 4: "unmatched_4"}
+    assert loaded.config.label2id["car"] == 0 and loaded.config.label2id["road"] == 1
     assert loaded.cluster_probe.clusters.shape == (5, 6)
-    pixel_values = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(
-        loaded.predict(pixel_values).cluster_log_probs, model.predict(pixel_values).cluster_log_probs
-    )
+    torch.testing.assert_close(loaded.cluster_probe.clusters, model.cluster_probe.clusters, rtol=0, atol=0)
 
 
 def test_loading_a_checkpoint_of_another_method_fails_clearly(tmp_path):
-    config = hf_useg.DinoSegmentationConfig(backbone_config=ViTConfig(**TINY_VIT), num_clusters=3)
+    config = hf_useg.DinoSegmentationConfig(backbone_config=tiny_vit_config(), num_clusters=3)
     hf_useg.DinoForUnsupervisedSegmentation(config).save_pretrained(tmp_path)
     with pytest.raises((ValueError, TypeError, OSError), match="(?i)dino_segmentation|stego"):
         StegoForUnsupervisedSegmentation.from_pretrained(tmp_path)
@@ -124,21 +119,16 @@ def test_loading_a_checkpoint_of_another_method_fails_clearly(tmp_path):
 
 def test_dinov2_backbone_works():
     torch.manual_seed(0)
-    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=14, image_size=28)
+    backbone = tiny_dinov2_config(patch_size=14, image_size=28)
     model = StegoForUnsupervisedSegmentation(StegoConfig(backbone_config=backbone, dim=5, num_classes=2))
     out = model(torch.randn(2, 3, 42, 28), pixel_values_pos=torch.randn(2, 3, 42, 28))
     assert out.code.shape == (2, 5, 3, 2) and torch.isfinite(out.loss)
     assert model.predict(torch.randn(1, 3, 28, 28)).cluster_log_probs.shape == (1, 2, 28, 28)
 
 
-def test_bad_inputs_are_named():
+def test_mismatched_positive_pair_is_named():
+    # channels, patch-size multiples and dtype: TestStegoSegmenter
     model = tiny_model()
-    with pytest.raises(ValueError, match="not divisible by the patch size 8"):
-        model(torch.randn(1, 3, 30, 32))
-    with pytest.raises(ValueError, match="channels"):
-        model(torch.randn(1, 1, 32, 32))
-    with pytest.raises(TypeError, match="float"):
-        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match="must match"):
         model(torch.randn(2, 3, 32, 32), pixel_values_pos=torch.randn(1, 3, 32, 32))
 
@@ -146,6 +136,6 @@ def test_bad_inputs_are_named():
 def test_for_dataset_presets_build_models():
     config = StegoConfig.for_dataset("potsdam3", num_classes=3)
     assert config.dim == 70 and config.backbone_config.hidden_size == 384
-    config.backbone_config = ViTConfig(**TINY_VIT)
+    config.backbone_config = tiny_vit_config()
     model = StegoForUnsupervisedSegmentation(config)
     assert model.segmentation_head.linear.out_channels == 70
