@@ -10,8 +10,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ...backbones import check_pos_embed_interpolation, dino_vit_kwargs
-from ...modeling_utils import drop_legacy_training_fields
+from ...configuration_utils import check_pos_embed_interpolation, dino_vit_kwargs, drop_legacy_training_fields
 
 __all__ = ["IicConfig"]
 
