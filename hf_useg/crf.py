@@ -42,6 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .augmentation import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -50,9 +52,6 @@ __all__ = [
     "denormalize_to_uint8",
     "shutdown_crf_workers",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # METHODS 0.7 (STEGO's values).
 _DEFAULTS = {

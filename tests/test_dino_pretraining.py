@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import ViTConfig
 
 from hf_useg import DinoForSelfSupervisedPretraining, DinoPretrainingConfig, StegoForUnsupervisedSegmentation
+from hf_useg.augmentation import adjust_hue_pil as _adjust_hue
 from hf_useg.backbones import FeatureBackbone
 from hf_useg.models.dino import DinoHead, DinoLoss
 from hf_useg.models.dino.modeling_dino_pretraining import (
@@ -26,7 +27,6 @@ from hf_useg.models.dino.modeling_dino_pretraining import (
 )
 from hf_useg.models.dino.multicrop import (
     DinoMultiCropAugmentation,
-    _adjust_hue,
     collate_multicrop,
     color_jitter,
     random_resized_crop_box,

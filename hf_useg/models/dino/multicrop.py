@@ -9,7 +9,8 @@ Every view is a random-resized crop (bicubic) followed by DINO's photometric pip
 * local views: blur (p=0.5);
 * then ``ToTensor`` and ImageNet normalisation.
 
-Blur radii are drawn uniformly in [0.1, 2.0] and applied with `PIL.ImageFilter.GaussianBlur`, as DINO does.
+Blur radii are drawn uniformly in [0.1, 2.0] and applied with `PIL.ImageFilter.GaussianBlur`, as DINO does. The
+crops, the PIL colour jitter and the normalisation are `hf_useg.augmentation`'s.
 Every random choice comes from the `torch.Generator` handed to the call, so a seeded generator reproduces the views
 exactly (what makes resumed training runs bit-exact).
 
@@ -28,13 +29,23 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image, ImageFilter, ImageOps
+
+from ...augmentation import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    chance,
+    normalize_images,
+    pil_to_tensor,
+    random_resized_crop_box,
+    uniform,
+)
+from ...augmentation import color_jitter_pil as color_jitter
 
 __all__ = [
     "DinoMultiCropAugmentation",
@@ -43,107 +54,6 @@ __all__ = [
     "color_jitter",
     "random_resized_crop_box",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
-    return low + (high - low) * torch.rand((), generator=generator).item()
-
-
-def _chance(probability: float, generator: torch.Generator | None) -> bool:
-    # always draw, so that the number of draws (and every later choice) does not depend on the outcome
-    return torch.rand((), generator=generator).item() < probability
-
-
-def random_resized_crop_box(
-    width: int,
-    height: int,
-    scale: Sequence[float],
-    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-    generator: torch.Generator | None = None,
-) -> tuple[int, int, int, int]:
-    """A random-resized-crop box ``(left, top, crop_width, crop_height)`` in a ``width x height`` image.
-
-    Like torchvision's ``RandomResizedCrop``: up to 10 tries of an area fraction uniform in ``scale`` and an aspect
-    ratio log-uniform in ``ratio``; when none fits, the largest centred box whose ratio is clamped to ``ratio``.
-
-    Example:
-
-    ```python
-    >>> random_resized_crop_box(100, 50, (0.4, 1.0), generator=torch.Generator().manual_seed(0))
-    (56, 0, 41, 50)
-    ```
-    """
-    if width < 1 or height < 1:
-        raise ValueError(f"cannot crop an empty image ({width}x{height})")
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * _uniform(scale[0], scale[1], generator)
-        aspect = math.exp(_uniform(log_ratio[0], log_ratio[1], generator))
-        crop_w = int(round(math.sqrt(target_area * aspect)))
-        crop_h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
-            left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
-            return left, top, crop_w, crop_h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        crop_w, crop_h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        crop_w, crop_h = int(round(height * ratio[1])), height
-    else:
-        crop_w, crop_h = width, height
-    return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
-
-
-def _adjust_hue(image: Image.Image, factor: float) -> Image.Image:
-    hue, saturation, value = image.convert("HSV").split()
-    shifted = (np.asarray(hue, dtype=np.int16) + int(round(factor * 255))) % 256
-    hue = Image.fromarray(shifted.astype(np.uint8), "L")
-    return Image.merge("HSV", (hue, saturation, value)).convert("RGB")
-
-
-def color_jitter(
-    image: Image.Image,
-    brightness: float = 0.4,
-    contrast: float = 0.4,
-    saturation: float = 0.2,
-    hue: float = 0.1,
-    generator: torch.Generator | None = None,
-) -> Image.Image:
-    """torchvision's ``ColorJitter`` on a PIL RGB image: factors uniform in ``[1 - b, 1 + b]`` (brightness, contrast,
-    saturation; contrast blends with the mean gray level, saturation with the grayscale image) and a hue shift
-    uniform in ``[-hue, hue]`` of the colour circle, applied in a random order.
-
-    Example:
-
-    ```python
-    >>> out = color_jitter(Image.new("RGB", (4, 4), (200, 100, 50)), generator=torch.Generator().manual_seed(0))
-    >>> out.size
-    (4, 4)
-    ```
-    """
-    order = torch.randperm(4, generator=generator).tolist()
-    factors = [
-        _uniform(max(0.0, 1 - brightness), 1 + brightness, generator),
-        _uniform(max(0.0, 1 - contrast), 1 + contrast, generator),
-        _uniform(max(0.0, 1 - saturation), 1 + saturation, generator),
-        _uniform(-hue, hue, generator),
-    ]
-    for operation in order:
-        factor = factors[operation]
-        if operation == 0:
-            image = ImageEnhance.Brightness(image).enhance(factor)
-        elif operation == 1:
-            image = ImageEnhance.Contrast(image).enhance(factor)
-        elif operation == 2:
-            image = ImageEnhance.Color(image).enhance(factor)
-        elif factor != 0.0:
-            image = _adjust_hue(image, factor)
-    return image
 
 
 class DinoMultiCropAugmentation:
@@ -216,18 +126,17 @@ class DinoMultiCropAugmentation:
     ) -> torch.Tensor:
         left, top, crop_w, crop_h = random_resized_crop_box(image.width, image.height, scale, generator=generator)
         view = image.resize((size, size), Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
-        if _chance(0.5, generator):
+        if chance(0.5, generator):
             view = view.transpose(Image.FLIP_LEFT_RIGHT)
-        if _chance(0.8, generator):
+        if chance(0.8, generator):
             view = color_jitter(view, 0.4, 0.4, 0.2, 0.1, generator=generator)
-        if _chance(0.2, generator):
+        if chance(0.2, generator):
             view = view.convert("L").convert("RGB")
-        if _chance(blur_probability, generator):
-            view = view.filter(ImageFilter.GaussianBlur(radius=_uniform(0.1, 2.0, generator)))
-        if _chance(solarize_probability, generator):
+        if chance(blur_probability, generator):
+            view = view.filter(ImageFilter.GaussianBlur(radius=uniform(0.1, 2.0, generator)))
+        if chance(solarize_probability, generator):
             view = ImageOps.solarize(view, threshold=128)
-        array = (np.asarray(view, dtype=np.float32) / 255.0 - self.mean) / self.std
-        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        return normalize_images(pil_to_tensor(view), self.mean, self.std)
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         if not isinstance(image, Image.Image):

@@ -10,6 +10,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ...augmentation import IMAGENET_MEAN, IMAGENET_STD
 from ...configuration_utils import check_pos_embed_interpolation, dino_vit_kwargs, drop_legacy_training_fields
 
 __all__ = ["IicConfig"]
@@ -21,8 +22,6 @@ DINO_VIT_SMALL_8 = dino_vit_kwargs("vit_small", 8)
 # second conv, the last two convs dilated by 2.
 VGG_CHANNELS = [64, 128, 256, 256, 512, 512]
 VGG_DILATIONS = [1, 1, 1, 1, 2, 2]
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 TRUNKS = ("vgg", "backbone")
 INPUT_MODES = ("rgb", "sobel", "rgb_sobel")

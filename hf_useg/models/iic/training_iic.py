@@ -25,6 +25,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ...augmentation import (
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    color_jitter,
+    hsv_to_rgb,
+    rgb_to_hsv,
+)
 from ...data.processing import ProcessedSegmentationDataset, collate_segmentation_batch
 from ...evaluation import UnsupervisedSegmentationMetric, fit_and_score
 from ...inference import evaluation_loader
@@ -49,116 +58,6 @@ __all__ = [
     "make_iic_views",
     "rgb_to_hsv",
 ]
-
-
-# torchvision's `rgb_to_grayscale` weights, used by its contrast and saturation adjustments.
-_JITTER_GREY = (0.2989, 0.587, 0.114)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# colour jitter in torch (images in [0, 1], shape [..., 3, H, W])
-
-
-def _grey(images: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor(_JITTER_GREY, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    return (images * weights).sum(dim=-3, keepdim=True)
-
-
-def adjust_brightness(images: torch.Tensor, factor: float) -> torch.Tensor:
-    """`clamp(factor * x, 0, 1)`."""
-    return (images * factor).clamp(0.0, 1.0)
-
-
-def adjust_contrast(images: torch.Tensor, factor: float) -> torch.Tensor:
-    """Blend with the mean grey level of each image: `clamp(f * x + (1 - f) * mean(grey(x)), 0, 1)`."""
-    mean = _grey(images).mean(dim=(-3, -2, -1), keepdim=True)
-    return (factor * images + (1.0 - factor) * mean).clamp(0.0, 1.0)
-
-
-def adjust_saturation(images: torch.Tensor, factor: float) -> torch.Tensor:
-    """Blend with the greyscale image: `clamp(f * x + (1 - f) * grey(x), 0, 1)`."""
-    return (factor * images + (1.0 - factor) * _grey(images)).clamp(0.0, 1.0)
-
-
-def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
-    """RGB in [0, 1] -> HSV with every channel in [0, 1] (hue as a fraction of a turn; 0 for greys)."""
-    red, green, blue = images.unbind(dim=-3)
-    value = images.amax(dim=-3)
-    delta = value - images.amin(dim=-3)
-    saturation = torch.where(value > 0, delta / torch.where(value > 0, value, torch.ones_like(value)), 0.0)
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    red_c, green_c, blue_c = (value - red) / safe, (value - green) / safe, (value - blue) / safe
-    hue = torch.where(
-        value == red, blue_c - green_c, torch.where(value == green, 2.0 + red_c - blue_c, 4.0 + green_c - red_c)
-    )
-    hue = torch.where(delta > 0, torch.remainder(hue / 6.0, 1.0), 0.0)
-    return torch.stack([hue, saturation, value], dim=-3)
-
-
-def hsv_to_rgb(images: torch.Tensor) -> torch.Tensor:
-    """Inverse of [`rgb_to_hsv`]."""
-    hue, saturation, value = images.unbind(dim=-3)
-    sector = torch.floor(hue * 6.0)
-    fraction = hue * 6.0 - sector
-    sector = torch.remainder(sector, 6).long()
-    p = value * (1.0 - saturation)
-    q = value * (1.0 - saturation * fraction)
-    t = value * (1.0 - saturation * (1.0 - fraction))
-    # per sector 0..5: (r, g, b) = (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q)
-    red = torch.stack([value, q, p, p, t, value], dim=0)
-    green = torch.stack([t, value, value, q, p, p], dim=0)
-    blue = torch.stack([p, p, t, value, value, q], dim=0)
-    index = sector.unsqueeze(0)
-    return torch.stack([c.gather(0, index)[0] for c in (red, green, blue)], dim=-3)
-
-
-def adjust_hue(images: torch.Tensor, shift: float) -> torch.Tensor:
-    """Rotate the hue by `shift` turns (in [-0.5, 0.5])."""
-    hsv = rgb_to_hsv(images)
-    hue = torch.remainder(hsv[..., 0, :, :] + shift, 1.0)
-    return hsv_to_rgb(torch.stack([hue, hsv[..., 1, :, :], hsv[..., 2, :, :]], dim=-3)).clamp(0.0, 1.0)
-
-
-def _uniform(low: float, high: float, generator: torch.Generator) -> float:
-    return low + (high - low) * float(torch.rand((), generator=generator, dtype=torch.float64))
-
-
-def color_jitter(
-    image: torch.Tensor,
-    generator: torch.Generator,
-    brightness: float = 0.4,
-    contrast: float = 0.4,
-    saturation: float = 0.4,
-    hue: float = 0.125,
-) -> torch.Tensor:
-    """torchvision-style `ColorJitter` of one image `[3, H, W]` in [0, 1], drawn from `generator`.
-
-    Draws, in this order: a random order of the four adjustments (`randperm(4)`), then for each adjustment with
-    a non-zero strength its factor, uniform in `[max(0, 1 - s), 1 + s]` (hue: shift uniform in `[-s, s]`).
-    Adjustments of strength 0 are skipped (no draw). Works in float (IIC jitters uint8 PIL images).
-
-    Example:
-
-    ```python
-    >>> import torch
-    >>> image = torch.rand(3, 8, 8)
-    >>> out = color_jitter(image, torch.Generator().manual_seed(0))
-    >>> out.shape, bool(out.min() >= 0 and out.max() <= 1)
-    (torch.Size([3, 8, 8]), True)
-    ```
-    """
-    order = torch.randperm(4, generator=generator).tolist()
-    factors = [
-        _uniform(max(0.0, 1.0 - brightness), 1.0 + brightness, generator) if brightness > 0 else None,
-        _uniform(max(0.0, 1.0 - contrast), 1.0 + contrast, generator) if contrast > 0 else None,
-        _uniform(max(0.0, 1.0 - saturation), 1.0 + saturation, generator) if saturation > 0 else None,
-        _uniform(-hue, hue, generator) if hue > 0 else None,
-    ]
-    functions = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-    for index in order:
-        if factors[index] is not None:
-            image = functions[index](image, factors[index])
-    return image
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,13 +20,25 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from ...augmentation import (
+    PIL_GREY_WEIGHTS,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_saturation,
+    denormalize_images,
+    gaussian_blur,
+    normalize_images,
+    resample_crops,
+    rgb_to_grey,
+    square_crop_box,
+)
+from ...augmentation import adjust_hue as _adjust_hue
 
 __all__ = [
     "PHOTOMETRIC_COLUMNS",
@@ -46,8 +58,6 @@ __all__ = [
 
 PHOTOMETRIC_COLUMNS = ("brightness", "contrast", "saturation", "hue", "greyscale", "blur_radius")
 GEOMETRIC_COLUMNS = ("crop_scale", "crop_top", "crop_left", "flip")
-
-_GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision
 
 
 @dataclass
@@ -170,75 +180,22 @@ def draw_view_parameters(num_images: int, *, seed: int, epoch: int, options: Any
 
 
 # --------------------------------------------------------------------------------------------------------------
-# photometric operations on RGB images in [0, 1], [B, 3, H, W]
-
-
-def rgb_to_grey(images: torch.Tensor) -> torch.Tensor:
-    """Luma ``0.299 R + 0.587 G + 0.114 B``, ``[B, 1, H, W]``."""
-    r, g, b = images.unbind(dim=1)
-    return (_GREY_WEIGHTS[0] * r + _GREY_WEIGHTS[1] * g + _GREY_WEIGHTS[2] * b).unsqueeze(1)
-
-
-def _rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
-    r, g, b = images.unbind(dim=1)
-    maxc, _ = images.max(dim=1)
-    minc, _ = images.min(dim=1)
-    delta = maxc - minc
-    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
-    saturation = torch.where(
-        maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc)
-    )
-    rc, gc, bc = (maxc - r) / safe_delta, (maxc - g) / safe_delta, (maxc - b) / safe_delta
-    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.where(delta > 0, torch.remainder(hue / 6.0, 1.0), torch.zeros_like(hue))
-    return torch.stack([hue, saturation, maxc], dim=1)
-
-
-def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    # channel n in (5, 3, 1) for (r, g, b): v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6
-    hue, saturation, value = hsv[:, 0:1], hsv[:, 1:2], hsv[:, 2:3]
-    n = torch.tensor([5.0, 3.0, 1.0], device=hsv.device, dtype=hsv.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(n + hue * 6.0, 6.0)
-    return value - value * saturation * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+# photometric transform P (the operations are hf_useg.augmentation's)
 
 
 def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of each image by ``shift[b]`` (fraction of the circle) in HSV space.
+    """Rotate the hue of each image by ``shift[b]`` (fraction of the circle) in HSV space: PiCIE's numbers,
+    [`hf_useg.augmentation.adjust_hue`] with the closed-form HSV -> RGB.
 
     Example:
 
     ```python
-    >>> red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
-    >>> adjust_hue(red, torch.tensor([1 / 3])).flatten()       # red -> green
-    tensor([0., 1., 0.])
+    >>> images = torch.rand(2, 3, 4, 4)
+    >>> bool(torch.allclose(adjust_hue(images, torch.zeros(2)), images, atol=1e-6))    # no shift, same image
+    True
     ```
     """
-    hsv = _rgb_to_hsv(images)
-    hue = torch.remainder(hsv[:, 0] + shift.to(images.dtype).view(-1, 1, 1), 1.0)
-    return _hsv_to_rgb(torch.stack([hue, hsv[:, 1], hsv[:, 2]], dim=1))
-
-
-def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``[C, H, W]`` (or ``[B, C, H, W]``) with standard deviation ``sigma`` pixels,
-    kernel radius ``ceil(3 sigma)``, edges replicated. ``sigma <= 0`` returns the input.
-
-    Written as weighted sums of shifted slices: a convolution would build a new kernel plan for every radius on the
-    CPU, which costs far more than the blur itself.
-    """
-    if sigma <= 0:
-        return image
-    squeeze = image.ndim == 3
-    x = image.unsqueeze(0) if squeeze else image
-    radius = max(1, math.ceil(3.0 * sigma))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    weights = torch.exp(-(offsets**2) / (2.0 * sigma**2))
-    weights = (weights / weights.sum()).tolist()
-    height, width = x.shape[-2:]
-    x = F.pad(x, (radius, radius, 0, 0), mode="replicate")
-    x = sum(weight * x[..., :, i : i + width] for i, weight in enumerate(weights))
-    x = F.pad(x, (0, 0, radius, radius), mode="replicate")
-    x = sum(weight * x[..., i : i + height, :] for i, weight in enumerate(weights))
-    return x.squeeze(0) if squeeze else x
+    return _adjust_hue(images, shift, formula="closed_form")
 
 
 def _where(mask: torch.Tensor, changed: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -263,28 +220,21 @@ def apply_photometric(images: torch.Tensor, params: torch.Tensor) -> torch.Tenso
     if params.shape != (images.shape[0], len(PHOTOMETRIC_COLUMNS)):
         raise ValueError(f"params must be [{images.shape[0]}, {len(PHOTOMETRIC_COLUMNS)}], got {tuple(params.shape)}")
     params = params.to(images.device)
-    factor = params.to(images.dtype)
-
-    def column(i: int) -> torch.Tensor:
-        return factor[:, i].view(-1, 1, 1, 1)
-
     brightness = params[:, 0] != 1
     if brightness.any():
-        images = _where(brightness, (images * column(0)).clamp(0, 1), images)
+        images = _where(brightness, adjust_brightness(images, params[:, 0]), images)
     contrast = params[:, 1] != 1
     if contrast.any():
-        mean = rgb_to_grey(images).mean(dim=(1, 2, 3), keepdim=True)
-        images = _where(contrast, (column(1) * images + (1 - column(1)) * mean).clamp(0, 1), images)
+        images = _where(contrast, adjust_contrast(images, params[:, 1], PIL_GREY_WEIGHTS), images)
     saturation = params[:, 2] != 1
     if saturation.any():
-        grey = rgb_to_grey(images)
-        images = _where(saturation, (column(2) * images + (1 - column(2)) * grey).clamp(0, 1), images)
+        images = _where(saturation, adjust_saturation(images, params[:, 2], PIL_GREY_WEIGHTS), images)
     hue = params[:, 3] != 0
     if hue.any():
-        images = _where(hue, adjust_hue(images, factor[:, 3]).clamp(0, 1), images)
+        images = _where(hue, adjust_hue(images, params[:, 3]), images)
     greyscale = params[:, 4] != 0
     if greyscale.any():
-        images = _where(greyscale, rgb_to_grey(images).expand_as(images), images)
+        images = _where(greyscale, rgb_to_grey(images, PIL_GREY_WEIGHTS).expand_as(images), images)
     blur = params[:, 5] > 0
     if blur.any():
         images = torch.stack(
@@ -299,20 +249,19 @@ def apply_photometric(images: torch.Tensor, params: torch.Tensor) -> torch.Tenso
 
 def crop_box(params: torch.Tensor) -> torch.Tensor:
     """G's crop as fractions of the image, ``[B, 4]`` = (top, left, height, width): side ``scale``, offset
-    ``(1 - scale) * position``. The same box applies at every resolution (image, feature map)."""
-    scale = params[:, 0]
-    return torch.stack([(1 - scale) * params[:, 1], (1 - scale) * params[:, 2], scale, scale], dim=1)
+    ``(1 - scale) * position`` ([`hf_useg.augmentation.square_crop_box`]). The same box applies at every resolution
+    (image, feature map)."""
+    return square_crop_box(params[:, 0], params[:, 1], params[:, 2])
 
 
 def apply_geometric(tensor: torch.Tensor, params: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
     """G: per item, the crop [`crop_box`] resized to ``output_size`` by bilinear sampling, then a horizontal flip
-    when ``params[b, 3]`` is 1. Works on images and on feature maps alike (gradients flow to ``tensor``).
+    when ``params[b, 3]`` is 1 ([`hf_useg.augmentation.resample_crops`]). Works on images and on feature maps alike
+    (gradients flow to ``tensor``).
 
-    Output pixel ``j`` of ``n`` samples the relative position ``left + width * (j + 0.5) / n`` of the input (pixel
-    centres, ``align_corners=False``), which is what cropping an integer box and `F.interpolate` do when the box
-    falls on pixel edges. The released code instead rounds an integer box separately at each resolution, so an image
-    and its feature map get crops that differ by up to half a feature pixel; with the continuous box used here G
-    commutes with downsampling up to interpolation error (METHODS 2.2: f(G(x)) ≈ G(f(x))).
+    The released code instead rounds an integer box separately at each resolution, so an image and its feature map
+    get crops that differ by up to half a feature pixel; with the continuous box used here G commutes with
+    downsampling up to interpolation error (METHODS 2.2: f(G(x)) ≈ G(f(x))).
 
     Args:
         tensor (`torch.Tensor` of shape `[B, C, H, W]`).
@@ -323,40 +272,12 @@ def apply_geometric(tensor: torch.Tensor, params: torch.Tensor, output_size: tup
         raise ValueError(f"expected a [B, C, H, W] tensor, got shape {tuple(tensor.shape)}")
     if params.ndim != 2 or params.shape != (tensor.shape[0], len(GEOMETRIC_COLUMNS)):
         raise ValueError(f"params must be [{tensor.shape[0]}, {len(GEOMETRIC_COLUMNS)}], got {tuple(params.shape)}")
-    out_height, out_width = (int(v) for v in output_size)
     box = crop_box(params.detach().to(device=tensor.device, dtype=torch.float64))
-    rows = (torch.arange(out_height, device=tensor.device, dtype=torch.float64) + 0.5) / out_height
-    cols = (torch.arange(out_width, device=tensor.device, dtype=torch.float64) + 0.5) / out_width
-    flip = params[:, 3].to(device=tensor.device) != 0
-    cols = torch.where(flip[:, None], 1.0 - cols[None], cols[None])  # [B, W_out]
-    y = 2.0 * (box[:, 0:1] + box[:, 2:3] * rows[None]) - 1.0  # [B, H_out], grid_sample's [-1, 1] coordinates
-    x = 2.0 * (box[:, 1:2] + box[:, 3:4] * cols) - 1.0
-    grid = torch.stack([x[:, None, :].expand(-1, out_height, -1), y[:, :, None].expand(-1, -1, out_width)], dim=-1).to(
-        tensor.dtype
-    )
-    return F.grid_sample(tensor, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return resample_crops(tensor, box, params[:, 3] != 0, output_size)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# normalisation and the two views
-
-
-def _mean_std(reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=reference.device, dtype=reference.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=reference.device, dtype=reference.dtype).view(1, 3, 1, 1)
-    return mean, std
-
-
-def denormalize_images(pixel_values: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalised ``pixel_values`` -> RGB in [0, 1] (clamped)."""
-    mean, std = _mean_std(pixel_values)
-    return (pixel_values * std + mean).clamp(0, 1)
-
-
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """RGB in [0, 1] -> ImageNet-normalised ``pixel_values``."""
-    mean, std = _mean_std(images)
-    return (images - mean) / std
+# the two views
 
 
 def make_picie_views(
