@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from tiny_configs import tiny_vit_config
 from transformers import PreTrainedConfig, ViTConfig
 
 from hf_useg.models.stego.configuration_stego import StegoConfig
+from hf_useg.models.stego.training_stego import StegoTrainingOptions
 
 LOSS_FIELDS = {
     "pos_intra_weight": 0.1,
@@ -52,10 +54,13 @@ def test_defaults_are_the_cocostuff_release():
     )
     assert (vit.patch_size, vit.image_size, vit.layer_norm_eps, vit.qkv_bias) == (8, 224, 1e-6, True)
     assert config.pos_embed_interpolation == "auto"
-    assert (config.num_neighbors, config.crop_ratio, config.five_crop) == (7, 0.5, True)
-    assert (config.resolution, config.eval_resolution, config.val_every) == (224, 320, 100)
-    assert (config.head_learning_rate, config.probe_learning_rate) == (5e-4, 5e-3)
-    assert (config.max_steps, config.batch_size) == (7000, 32)
+    # the training settings of the release are the recipe's defaults, not config fields
+    options = StegoTrainingOptions()
+    assert (options.num_neighbors, options.crop_ratio, options.five_crop) == (7, 0.5, True)
+    assert (options.resolution, options.eval_resolution, options.val_every) == (224, 320, 100)
+    assert (options.head_learning_rate, options.probe_learning_rate) == (5e-4, 5e-3)
+    assert (options.max_steps, options.batch_size) == (7000, 32)
+    assert not any(hasattr(config, name) for name in ("max_steps", "batch_size", "head_learning_rate", "five_crop"))
     assert config.backbone_name == "facebook/dino-vitb8"
     # The loss fields alone build an equal config.
     assert StegoConfig(**LOSS_FIELDS).to_dict() == config.to_dict()
@@ -87,8 +92,9 @@ def test_presets_match_the_methods_table(name):
     assert config.backbone_config.num_attention_heads == row["heads"]
     assert config.backbone_config.intermediate_size == 4 * row["hidden"]
     assert config.backbone_config.patch_size == 8 and config.backbone_config.layer_norm_eps == 1e-6
-    assert (config.dim, config.max_steps, config.batch_size) == (row["dim"], row["steps"], row["batch"])
-    assert (config.five_crop, config.pointwise, config.num_classes) == (
+    options = StegoTrainingOptions.from_preset(name)
+    assert (config.dim, options.max_steps, options.batch_size) == (row["dim"], row["steps"], row["batch"])
+    assert (options.five_crop, config.pointwise, config.num_classes) == (
         row["five"],
         row["pointwise"],
         row["classes"],
@@ -102,14 +108,15 @@ def test_presets_match_the_methods_table(name):
         11,
         5,
     )
-    assert (config.extra_clusters, config.resolution, config.head_learning_rate) == (0, 224, 5e-4)
+    assert (config.extra_clusters, options.resolution, options.head_learning_rate) == (0, 224, 5e-4)
     assert config.dataset_name == name
     assert config.num_labels == row["classes"]
 
 
 def test_preset_overrides_and_unknown_name():
-    config = StegoConfig.for_dataset("potsdam3", backbone_config=tiny_vit(), max_steps=10, extra_clusters=2)
-    assert config.backbone_config.hidden_size == 32 and config.max_steps == 10
+    config = StegoConfig.for_dataset("potsdam3", backbone_config=tiny_vit(), dim=12, extra_clusters=2)
+    assert config.backbone_config.hidden_size == 32 and config.dim == 12
+    assert StegoTrainingOptions.from_preset("potsdam3", max_steps=10).max_steps == 10
     assert config.num_clusters == 5 and config.pointwise is True
     # presets are not shared mutable state
     StegoConfig.for_dataset("cocostuff27").backbone_config.hidden_size = 1
@@ -165,10 +172,12 @@ def test_backbone_config_dict():
     assert full.backbone_config.hidden_size == 32 and full.backbone_config.layer_norm_eps == 1e-12
 
 
-def test_int_values_for_float_fields_become_floats():
+def test_int_values_for_float_fields_are_accepted(tmp_path):
+    """Float fields are typed `float | int` (YAML writes `1` for 1.0); the loss computes the same with either."""
     config = StegoConfig(pos_intra_weight=1, neg_inter_shift=0, correspondence_weight=2)
     assert (config.pos_intra_weight, config.neg_inter_shift, config.correspondence_weight) == (1.0, 0.0, 2.0)
-    assert all(isinstance(v, float) for v in (config.pos_intra_weight, config.neg_inter_shift))
+    config.save_pretrained(tmp_path)
+    assert StegoConfig.from_pretrained(tmp_path).correspondence_weight == 2
 
 
 @pytest.mark.parametrize(
@@ -181,18 +190,30 @@ def test_int_values_for_float_fields_become_floats():
         ({"extra_clusters": -1}, ValueError, "extra_clusters must be >= 0"),
         ({"dropout": 1.0}, ValueError, r"dropout must be in \[0, 1\)"),
         ({"dropout": -0.1}, ValueError, r"dropout must be in \[0, 1\)"),
-        ({"crop_ratio": 0.0}, ValueError, r"crop_ratio must be in \(0, 1\]"),
         ({"feature_samples": 0}, ValueError, "feature_samples must be >= 1"),
         ({"neg_samples": 0}, ValueError, "neg_samples must be >= 1"),
-        ({"head_learning_rate": 0.0}, ValueError, "head_learning_rate must be > 0"),
-        ({"dim": 90.0}, TypeError, "StegoConfig.dim must be an int"),
-        ({"num_classes": True}, TypeError, "StegoConfig.num_classes must be an int"),
-        ({"pointwise": 1}, TypeError, "StegoConfig.pointwise must be a bool"),
-        ({"pos_inter_shift": "0.2"}, TypeError, "StegoConfig.pos_inter_shift must be a number"),
-        ({"stabilize": "yes"}, TypeError, "StegoConfig.stabilize must be a bool"),
-        ({"backbone_name": 3}, TypeError, "backbone_name must be a str or None"),
+        ({"dim": 90.0}, StrictDataclassFieldValidationError, "'dim' expected int, got float"),
+        ({"num_classes": True}, StrictDataclassFieldValidationError, "'num_classes' expected int, got bool"),
+        ({"pointwise": 1}, StrictDataclassFieldValidationError, "'pointwise' expected bool, got int"),
+        ({"pos_inter_shift": "0.2"}, StrictDataclassFieldValidationError, "'pos_inter_shift' with value '0.2'"),
+        ({"stabilize": "yes"}, StrictDataclassFieldValidationError, "'stabilize' expected bool, got str"),
+        ({"backbone_name": 3}, StrictDataclassFieldValidationError, "'backbone_name' with value 3"),
     ],
 )
 def test_validation_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         StegoConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"crop_ratio": 0.0}, r"crop_ratio must be in \(0, 1\]"),
+        ({"head_learning_rate": 0.0}, "head_learning_rate and probe_learning_rate must be > 0"),
+        ({"num_neighbors": 0}, "num_neighbors must be >= 1"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+    ],
+)
+def test_training_option_validation_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StegoTrainingOptions(**kwargs)
