@@ -10,7 +10,19 @@ __all__ = ["RANDOM_BACKBONES", "SCRATCH_BACKBONES", "load_backbone", "load_split
 # `backbone:` values meaning "no HF backbone": the method trains its own trunk from scratch (IIC's VGG net)
 SCRATCH_BACKBONES = ("none", "scratch")
 
-_VIT_EPS = {"layer_norm_eps": 1e-6}
+
+def _vit(hidden_size: int, layers: int, heads: int, patch_size: int, image_size: int) -> dict[str, Any]:
+    return dict(
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=(2 if hidden_size < 128 else 4) * hidden_size,
+        patch_size=patch_size,
+        image_size=image_size,
+        layer_norm_eps=1e-6,  # DINO's (METHODS 0.1)
+    )
+
+
 RANDOM_BACKBONES: dict[str, dict[str, Any]] = {
     # name -> config kwargs (ViTConfig unless "model_type" says otherwise); randomly initialised, for offline
     # demos, tests and baselines (named as such in outputs)
@@ -22,53 +34,13 @@ RANDOM_BACKBONES: dict[str, dict[str, Any]] = {
         embedding_size=64,
         out_features=["stage3"],
     ),
-    "random-vit-tiny": dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        patch_size=8,
-        image_size=64,
-        **_VIT_EPS,
-    ),
-    "random-vit-micro": dict(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=8,
-        image_size=32,
-        **_VIT_EPS,
-    ),
+    "random-vit-tiny": _vit(64, layers=2, heads=4, patch_size=8, image_size=64),
+    "random-vit-micro": _vit(32, layers=1, heads=2, patch_size=8, image_size=32),
     # the shape of training/configs/dino_pretrain_camvid.yaml's backbone (random-init baseline of that experiment)
-    "random-vit-dino-tiny-16": dict(
-        hidden_size=192,
-        num_hidden_layers=6,
-        num_attention_heads=3,
-        intermediate_size=768,
-        patch_size=16,
-        image_size=96,
-        **_VIT_EPS,
-    ),
-    "random-vit-small-8": dict(
-        hidden_size=384,
-        num_hidden_layers=12,
-        num_attention_heads=6,
-        intermediate_size=1536,
-        patch_size=8,
-        image_size=224,
-        **_VIT_EPS,
-    ),
+    "random-vit-dino-tiny-16": _vit(192, layers=6, heads=3, patch_size=16, image_size=96),
+    "random-vit-small-8": _vit(384, layers=12, heads=6, patch_size=8, image_size=224),
     # DINO ViT-S/16, e.g. the student of training/configs/dino_pretrain_vits16.yaml (pretraining from scratch)
-    "random-vit-small-16": dict(
-        hidden_size=384,
-        num_hidden_layers=12,
-        num_attention_heads=6,
-        intermediate_size=1536,
-        patch_size=16,
-        image_size=224,
-        **_VIT_EPS,
-    ),
+    "random-vit-small-16": _vit(384, layers=12, heads=6, patch_size=16, image_size=224),
 }
 
 
