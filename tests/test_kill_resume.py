@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_useg.training import latest_checkpoint, load_training_arguments, train
+from hf_useg.training import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "training" / "configs"
@@ -42,27 +42,28 @@ runpy.run_path({train_py!r}, run_name="__main__")
 @pytest.mark.parametrize("config", ["stego_tiny", "picie_tiny", "iic_tiny", "dino_pretrain_tiny"])
 def test_sigkill_during_a_checkpoint_then_resume_equals_the_uninterrupted_run(config, tmp_path):
     path = CONFIGS / f"{config}.yaml"
-    train(load_training_arguments(path, output_dir=str(tmp_path / "full")))
-
+    script = REPO / "training" / "train.py"
     killer = tmp_path / "killer.py"
-    killer.write_text(KILLER.replace("{train_py!r}", repr(str(REPO / "training" / "train.py"))))
+    killer.write_text(KILLER.replace("{train_py!r}", repr(str(script))))
+    # every run in a process of its own with the same threads, as an interrupted job and its restart are
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cut = tmp_path / "cut"
-    result = subprocess.run(
-        [sys.executable, str(killer), "--config", str(path), "--output_dir", str(cut)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+
+    def run(program: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(program), "--config", str(path), "--output_dir", str(output), *extra]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run(script, full).returncode == 0
+    result = run(killer, cut)
     assert result.returncode == -9, result.stderr[-2000:]
     assert not (cut / "model").exists()
     assert list((cut / "checkpoints").glob(".tmp-checkpoint-*")), "the kill must leave a half-written checkpoint"
     first = latest_checkpoint(cut)
     assert first is not None and not first.name.startswith(".")
 
-    train(load_training_arguments(path, output_dir=str(cut), resume_from_checkpoint="latest"))
-    expected, resumed = (load_file(run / "model" / "model.safetensors") for run in (tmp_path / "full", cut))
+    resumed_run = run(script, cut, "--resume_from_checkpoint", "latest")
+    assert resumed_run.returncode == 0, resumed_run.stderr[-2000:]
+    expected, resumed = (load_file(folder / "model" / "model.safetensors") for folder in (full, cut))
     assert expected.keys() == resumed.keys()
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
