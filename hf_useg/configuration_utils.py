@@ -1,11 +1,24 @@
-"""Light helpers of the model configs (no model code imported here): DINO's ViT shapes, the position-embedding
-interpolation modes, and the keys older configs carried."""
+"""Light helpers of the model configs (no model code imported here): DINO's ViT shapes, the ImageNet statistics,
+the position-embedding interpolation modes, and the keys older configs carried."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["DINO_LAYER_NORM_EPS", "check_pos_embed_interpolation", "dino_vit_kwargs", "drop_legacy_training_fields"]
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+__all__ = [
+    "DINO_LAYER_NORM_EPS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "check_pos_embed_interpolation",
+    "dino_vit_kwargs",
+    "drop_legacy_training_fields",
+]
+
+# the normalisation of every backbone here (and of the protocol, METHODS 0.2), defined once
+IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
+IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
 
 # DINO v1 uses LayerNorm eps 1e-6; transformers' ViT default (1e-12) moves the features by up to 6e-5 (METHODS 0.1)
 DINO_LAYER_NORM_EPS = 1e-6

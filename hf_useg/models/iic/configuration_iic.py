@@ -10,8 +10,13 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ...augmentation import IMAGENET_MEAN, IMAGENET_STD
-from ...configuration_utils import check_pos_embed_interpolation, dino_vit_kwargs, drop_legacy_training_fields
+from ...configuration_utils import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_pos_embed_interpolation,
+    dino_vit_kwargs,
+    drop_legacy_training_fields,
+)
 
 __all__ = ["IicConfig"]
 

@@ -84,11 +84,17 @@ def compute_knn_table(
     from ...data import global_descriptors, nearest_neighbors
 
     k = min(k, len(items))
+    if cache_dir is None and accelerator.num_processes > 1:
+        raise ValueError("multi-process STEGO training needs a knn cache_dir to share the kNN table")
     path = None
     if cache_dir is not None:
         key = _knn_cache_key(model, items, resolution, k, five_crop, source_fingerprint)
         path = Path(cache_dir) / f"knn-{key}.pt"
-        if path.exists():
+        # every process looks before any writes (the barrier): they all take the same branch, or a process that
+        # found the file the main process had just written would skip the barrier below and hang the others
+        cached = path.exists()
+        accelerator.wait_for_everyone()
+        if cached:
             logger.info("loading the kNN table from %s", path)
             return torch.load(path)
     table = None
@@ -109,8 +115,6 @@ def compute_knn_table(
                 torch.save(table, tmp)
     accelerator.wait_for_everyone()
     if table is None:
-        if path is None:
-            raise ValueError("multi-process STEGO training needs a knn cache_dir to share the kNN table")
         table = torch.load(path)
     return table
 
