@@ -1,7 +1,7 @@
 """The method registry: every method of the package, declared once by its own folder.
 
 Each ``hf_useg/models/<method>/__init__.py`` declares ``METHODS = (MethodSpec(...),)``; this module finds them by
-scanning ``hf_useg/models`` (no list to keep in sync). Auto-class registration, the trainer (``--method``), the
+scanning ``hf_useg/models`` (no list to keep in sync). Auto-class registration, the training loop (``--method``), the
 CLI, model cards and the Space read this registry. Class references are dotted strings so that reading the
 registry imports no model code.
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import ViTConfig
+from tiny_configs import tiny_vit_config
 
 from hf_useg import DinoForSelfSupervisedPretraining, DinoPretrainingConfig, StegoForUnsupervisedSegmentation
 from hf_useg.augmentation import adjust_hue_pil as _adjust_hue
@@ -40,15 +40,7 @@ TINY = REPO / "training" / "configs" / "dino_pretrain_tiny.yaml"
 # config.json of a model saved by the release before the recipes (training settings still in the config)
 OLD_CONFIG = REPO / "tests" / "fixtures" / "dino_pretraining_config.json"
 
-MICRO_VIT = ViTConfig(
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=64,
-    patch_size=8,
-    image_size=32,
-    layer_norm_eps=1e-6,
-)
+MICRO_VIT = tiny_vit_config()
 
 
 def tiny_config(**overrides) -> DinoPretrainingConfig:

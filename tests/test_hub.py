@@ -24,6 +24,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
+from tiny_configs import tiny_vit_config
 from transformers import ViTConfig
 
 from hf_useg import DinoForUnsupervisedSegmentation, DinoSegmentationConfig, StegoConfig
@@ -54,9 +55,7 @@ def trained_model_dir(tmp_path_factory) -> Path:
 
 
 def _tiny_backbone() -> ViTConfig:
-    return ViTConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32
-    )
+    return tiny_vit_config(layer_norm_eps=1e-12)
 
 
 def _percent_table(eval_results: dict) -> dict:

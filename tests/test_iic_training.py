@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import ViTConfig
+from tiny_configs import tiny_vit_config
 
 from hf_useg.evaluation import UnsupervisedSegmentationMetric, fit_and_score
 from hf_useg.models.iic import IicConfig, IicForUnsupervisedSegmentation, color_jitter, head_for_step, make_iic_views
@@ -192,7 +192,7 @@ def test_build_model_picks_the_trunk_from_the_backbone_option():
     config = recipe.build_model(None, 11).config
     assert config.trunk == "vgg" and config.num_classes == 11 and config.num_overclusters == 33
     assert recipe.options.learning_rate == 1e-4 and config.lamb_b == 2.0  # YAML strings/ints become numbers
-    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8)
+    vit = tiny_vit_config(image_size=224, layer_norm_eps=1e-12)
     assert _recipe().build_model(vit, 4).config.trunk == "backbone"
     preset = _recipe(preset="cocostuff3", model={"vgg_channels": [4, 4, 8, 8, 8, 8]})
     assert (
@@ -210,7 +210,7 @@ def test_build_model_picks_the_trunk_from_the_backbone_option():
 def test_backbone_none_is_refused_for_methods_that_need_a_backbone():
     class NeedsBackbone(IicRecipe):  # a recipe whose model always has an HF backbone
         def build_model(self, backbone_config, num_classes):
-            vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+            vit = tiny_vit_config(patch_size=16, image_size=224, layer_norm_eps=1e-12)
             return IicForUnsupervisedSegmentation(IicConfig(backbone_config=vit, num_classes=num_classes))
 
     args = load_training_arguments(None, method="iic", backbone="none")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import ViTConfig
+from tiny_configs import tiny_vit_config
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gradio_client = pytest.importorskip(
@@ -60,9 +60,7 @@ def stego_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dino_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("dino") / "dino-kmeans"
-    backbone = ViTConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32
-    )
+    backbone = tiny_vit_config(layer_norm_eps=1e-12)
     torch.manual_seed(0)
     model = DinoForUnsupervisedSegmentation(DinoSegmentationConfig(backbone_config=backbone, num_clusters=3))
     model.fit([torch.randn(4, 3, 32, 32)], progress=False)

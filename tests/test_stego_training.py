@@ -1,7 +1,7 @@
 import pytest
 import torch
 from accelerate import Accelerator
-from transformers import ViTConfig
+from tiny_configs import tiny_vit_config
 
 from hf_useg import StegoConfig, StegoForUnsupervisedSegmentation
 from hf_useg.data import expand_five_crops, global_descriptors, make_synthetic_scenes, nearest_neighbors
@@ -9,15 +9,7 @@ from hf_useg.data.processing import ProcessedSegmentationDataset, collate_segmen
 from hf_useg.image_processing import protocol_image_processor
 from hf_useg.models.stego.training_stego import _knn_cache_key, compute_feature_cache, compute_knn_table
 
-TINY = ViTConfig(
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=64,
-    patch_size=8,
-    image_size=32,
-    layer_norm_eps=1e-6,
-)
+TINY = tiny_vit_config()
 
 
 def _model():

@@ -48,7 +48,7 @@ class DinoPretrainingConfig(PreTrainedConfig):
             The student/teacher ViT (``model_type="vit"``: the teacher is exported as a plain `ViTModel`).
             Defaults to DINO ViT-S/16.
         backbone_name (`str`, *optional*):
-            Where the student's initial weights came from (set by the trainer).
+            Where the student's initial weights came from (set by the training loop).
         out_dim (`int`, *optional*, defaults to 65536):
             Number of prototypes of the head's last layer (dimension of the distributions compared by the loss).
         head_hidden_dim (`int`, *optional*, defaults to 2048):

@@ -204,7 +204,7 @@ class PicieForUnsupervisedSegmentation(PiciePreTrainedModel):
     def _check_fitted(self) -> None:
         if not self.is_fitted:
             raise ValueError(
-                "this PicieForUnsupervisedSegmentation has no fitted centroids: train it (the trainer's final "
+                "this PicieForUnsupervisedSegmentation has no fitted centroids: train it (the recipe's final "
                 "re-clustering sets them), call model.set_centroids(...), or load a trained model"
             )
 

@@ -163,7 +163,7 @@ class StegoForUnsupervisedSegmentation(StegoPreTrainedModel):
         backbone_features, backbone_features_pos (`torch.Tensor`, *optional*):
             Precomputed frozen-backbone feature maps ``[B, C, h, w]`` used instead of running the backbone on
             ``pixel_values`` / ``pixel_values_pos`` (the backbone is frozen and STEGO trains without augmentation,
-            so a training run can compute them once; see ``cache_backbone_features`` in the trainer).
+            so a training run can compute them once; see ``cache_backbone_features`` of `StegoTrainingOptions`).
         """
         if backbone_features is None:
             if pixel_values is None:
