@@ -3,17 +3,21 @@ the position-embedding interpolation modes, and the keys older configs carried."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 __all__ = [
     "DINO_LAYER_NORM_EPS",
+    "DatasetPresetsMixin",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "check_pos_embed_interpolation",
     "dino_vit_kwargs",
     "drop_legacy_training_fields",
+    "preset_values",
 ]
 
 # the normalisation of every backbone here (and of the protocol, METHODS 0.2), defined once
@@ -77,3 +81,34 @@ def drop_legacy_training_fields(kwargs: dict, names: Sequence[str]) -> dict:
     ```
     """
     return {name: kwargs.pop(name) for name in names if name in kwargs}
+
+
+def preset_values(presets: Mapping[str, dict[str, Any]], name: str, overrides: dict[str, Any], what: str) -> dict:
+    """A copy of ``presets[name]`` updated with ``overrides``; a clear error naming the available presets.
+
+    Example:
+
+    ```python
+    >>> preset_values({"potsdam3": {"dim": 70}}, "potsdam3", {"num_classes": 3}, "STEGO")
+    {'dim': 70, 'num_classes': 3}
+    ```
+    """
+    if name not in presets:
+        raise ValueError(f"unknown {what} preset {name!r}; available: {', '.join(sorted(presets))}")
+    values = copy.deepcopy(dict(presets[name]))
+    values.update(overrides)
+    return values
+
+
+class DatasetPresetsMixin:
+    """``for_dataset(name, **overrides)`` for a config class: the published model of a benchmark, from the class's
+    ``dataset_presets`` (the training schedule of the same benchmark is the recipe's preset of that name)."""
+
+    dataset_presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    preset_family: ClassVar[str] = ""
+
+    @classmethod
+    def for_dataset(cls, name: str, **overrides: Any):
+        """The configuration of the released model for benchmark ``name``, with ``overrides`` (e.g. a small
+        ``backbone_config`` for tests)."""
+        return cls(**preset_values(cls.dataset_presets, name, overrides, cls.preset_family))

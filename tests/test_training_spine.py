@@ -69,7 +69,7 @@ def test_bad_options_are_named(tmp_path):
         resolve_recipe_options(load_training_arguments(None, batch_size=0))
     with pytest.raises(ValueError, match="head_learning_rate must be a number"):
         resolve_recipe_options(load_training_arguments(None, head_learning_rate="fast"))
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ValueError, match="unknown StegoTrainingOptions preset 'nope'; available: cityscapes27"):
         type(resolve_recipe_options(load_training_arguments(None))).from_preset("nope")
 
 

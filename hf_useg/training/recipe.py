@@ -52,6 +52,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch.utils.data import Sampler
 
+from ..configuration_utils import preset_values
+
 __all__ = [
     "BatchIndex",
     "ItemsByBatchIndex",
@@ -226,13 +228,9 @@ class RecipeOptions:
             raise ValueError(
                 f"unknown {cls.__name__} option(s) {unknown}; valid options are {sorted(cls.field_names())}"
             )
-        values: dict[str, Any] = {}
-        if preset is not None:
-            if preset not in cls.presets:
-                raise ValueError(f"unknown preset {preset!r} for {cls.__name__}; available: {sorted(cls.presets)}")
-            values.update(cls.presets[preset])
-        values.update(overrides)
-        return cls(**values)
+        if preset is None:
+            return cls(**overrides)
+        return cls(**preset_values(cls.presets, preset, overrides, cls.__name__))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 # No `from __future__ import annotations` here: `@strict` checks field types only when the annotations are real
 # types, not strings.
 
-import copy
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -13,6 +12,7 @@ from transformers.configuration_utils import SubConfigSpec
 from ...configuration_utils import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DatasetPresetsMixin,
     check_pos_embed_interpolation,
     dino_vit_kwargs,
     drop_legacy_training_fields,
@@ -78,7 +78,7 @@ _POSITIVE_INT_FIELDS = ("vgg_pool_after", "num_classes", "num_overclusters", "nu
 
 
 @strict
-class IicConfig(PreTrainedConfig):
+class IicConfig(DatasetPresetsMixin, PreTrainedConfig):
     r"""
     Configuration of [`IicForUnsupervisedSegmentation`]: two IIC heads on a shared trunk (METHODS 3.2).
 
@@ -169,6 +169,8 @@ class IicConfig(PreTrainedConfig):
     """
 
     model_type = "iic"
+    dataset_presets = _PRESETS
+    preset_family = "IIC"
     sub_configs_defaults = {
         "backbone_config": SubConfigSpec(
             config_class=AutoConfig, model_type="vit", init_kwargs=DINO_VIT_SMALL_8, optional=True
@@ -279,25 +281,3 @@ class IicConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must have 3 entries (RGB), got {getattr(self, name)}")
         if any(s <= 0 for s in self.image_std):
             raise ValueError(f"image_std must be positive, got {self.image_std}")
-
-    @classmethod
-    def for_dataset(cls, name: str, **overrides: Any) -> "IicConfig":
-        """The architecture of IIC's released segmentation runs: `"cocostuff3"` (model 555: 15/3 clusters, λ_B 1.5,
-        RGB + Sobel) or `"potsdam3"` (model 545: 24/3 clusters, λ_B 1.5, RGB). Their training settings (learning
-        rate, batch, resolution, jitter) are the IIC recipe's presets of the same names. `overrides` change any
-        field.
-
-        Example:
-
-        ```python
-        >>> from hf_useg import IicConfig
-        >>> config = IicConfig.for_dataset("cocostuff3", num_sub_heads=2)
-        >>> config.num_overclusters, config.lamb_b, config.num_sub_heads
-        (15, 1.5, 2)
-        ```
-        """
-        if name not in _PRESETS:
-            raise ValueError(f"unknown IIC preset {name!r}; available: {', '.join(sorted(_PRESETS))}")
-        kwargs = copy.deepcopy(_PRESETS[name])
-        kwargs.update(overrides)
-        return cls(**kwargs)

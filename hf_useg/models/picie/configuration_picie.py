@@ -10,7 +10,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ...configuration_utils import check_pos_embed_interpolation, drop_legacy_training_fields
+from ...configuration_utils import DatasetPresetsMixin, check_pos_embed_interpolation, drop_legacy_training_fields
 
 __all__ = ["LEGACY_TRAINING_FIELDS", "PicieConfig", "RESNET_18"]
 
@@ -71,7 +71,7 @@ LEGACY_TRAINING_FIELDS = (
 
 
 @strict
-class PicieConfig(PreTrainedConfig):
+class PicieConfig(DatasetPresetsMixin, PreTrainedConfig):
     r"""
     Configuration of [`PicieForUnsupervisedSegmentation`] (PiCIE, Cho et al., CVPR 2021; METHODS 2): the
     architecture (backbone + FPN), the number of clusters and how the loss weights them. Every field has a default:
@@ -127,6 +127,8 @@ class PicieConfig(PreTrainedConfig):
     """
 
     model_type = "picie"
+    dataset_presets = _PRESETS
+    preset_family = "PiCIE"
     sub_configs_defaults = {
         "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet", init_kwargs=RESNET_18),
     }
@@ -181,26 +183,6 @@ class PicieConfig(PreTrainedConfig):
     def is_token_backbone(self) -> bool:
         """Whether the backbone yields a single token grid (ViT/DINOv2) rather than multi-scale stages."""
         return getattr(self.backbone_config, "model_type", None) in TOKEN_MODEL_TYPES
-
-    @classmethod
-    def for_dataset(cls, name: str, **overrides: Any) -> "PicieConfig":
-        """The released PiCIE model for a benchmark: `"cocostuff27"` or `"cityscapes27"` (METHODS 2.4); the
-        training recipe's presets of the same names hold the training settings.
-
-        Example:
-
-        ```python
-        >>> from hf_useg import PicieConfig
-        >>> config = PicieConfig.for_dataset("cocostuff27", overclustering=True)
-        >>> config.num_clusters, config.num_overclusters
-        (27, 100)
-        ```
-        """
-        if name not in _PRESETS:
-            raise ValueError(f"unknown PiCIE preset {name!r}; available: {', '.join(sorted(_PRESETS))}")
-        kwargs = copy.deepcopy(_PRESETS[name])
-        kwargs.update(overrides)
-        return cls(**kwargs)
 
 
 def _with_fpn_stages(config: PreTrainedConfig) -> PreTrainedConfig:

@@ -1,13 +1,17 @@
 """STEGO model configuration (METHODS 1)."""
 
-import copy
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ...configuration_utils import check_pos_embed_interpolation, dino_vit_kwargs, drop_legacy_training_fields
+from ...configuration_utils import (
+    DatasetPresetsMixin,
+    check_pos_embed_interpolation,
+    dino_vit_kwargs,
+    drop_legacy_training_fields,
+)
 
 __all__ = ["StegoConfig"]
 
@@ -82,7 +86,7 @@ LEGACY_TRAINING_FIELDS = (
 
 
 @strict
-class StegoConfig(PreTrainedConfig):
+class StegoConfig(DatasetPresetsMixin, PreTrainedConfig):
     r"""
     Configuration of [`StegoForUnsupervisedSegmentation`] and of [`StegoCorrelationLoss`]. Every field has a
     default: the defaults are the released COCO-Stuff-27 model (DINO ViT-B/8, METHODS 1.2), and
@@ -152,6 +156,8 @@ class StegoConfig(PreTrainedConfig):
     """
 
     model_type = "stego"
+    dataset_presets = _PRESETS
+    preset_family = "STEGO"
     sub_configs_defaults = {
         "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="vit", init_kwargs=DINO_VIT_BASE_8),
     }
@@ -230,28 +236,3 @@ class StegoConfig(PreTrainedConfig):
     def num_clusters(self) -> int:
         """Outputs of the cluster probe: `num_classes + extra_clusters`."""
         return self.num_classes + self.extra_clusters
-
-    @classmethod
-    def for_dataset(cls, name: str, **overrides: Any) -> "StegoConfig":
-        """The configuration of STEGO's released model for a benchmark (METHODS 1.2 table).
-
-        Args:
-            name (`str`):
-                `"cocostuff27"` (DINO ViT-B/8), `"cityscapes27"` (ViT-B/8) or `"potsdam3"` (ViT-S/8).
-            overrides:
-                Fields to change, e.g. a small `backbone_config` for tests.
-
-        Example:
-
-        ```python
-        >>> from hf_useg import StegoConfig
-        >>> config = StegoConfig.for_dataset("cityscapes27", extra_clusters=3)
-        >>> config.dim, config.pointwise, config.num_clusters
-        (100, False, 30)
-        ```
-        """
-        if name not in _PRESETS:
-            raise ValueError(f"unknown STEGO preset {name!r}; available: {', '.join(sorted(_PRESETS))}")
-        kwargs = copy.deepcopy(_PRESETS[name])
-        kwargs.update(overrides)
-        return cls(**kwargs)
