@@ -155,6 +155,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", steps: int | None = 
         synthetic_num_classes=4,
         synthetic_image_size=64 if resolution == 64 else 256,
         eval_batch_size=16,
+        overwrite_output_dir=True,  # a rerun of the demo replaces the previous one
     )
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     print(

@@ -314,3 +314,70 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     train(load_training_arguments(None, output_dir=str(tmp_path / "batch2"), batch_size=2, **common))
     small = load_file(tmp_path / "batch2" / "model" / "model.safetensors")
     assert not torch.allclose(small["cluster_probe.clusters"], large["cluster_probe.clusters"], rtol=1e-5, atol=1e-6)
+
+
+def _toy_args(output_dir, **overrides):
+    values = dict(
+        method="toy",
+        backbone="random-vit-micro",
+        synthetic_num_images=8,
+        synthetic_image_size=32,
+        synthetic_num_classes=3,
+        resolution=32,
+        eval_resolution=32,
+        batch_size=4,
+        val_every=100,
+        save_every=2,
+        log_every=1,
+        max_steps=3,
+        progress=False,
+    )
+    values.update(overrides)
+    return load_training_arguments(None, output_dir=str(output_dir), **values)
+
+
+def test_a_fresh_run_refuses_a_folder_holding_another_run_unless_told_to_replace_it(tmp_path):
+    register_method(TOY)
+    train(_toy_args(tmp_path))
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoints, model, metrics.jsonl\).*--overwrite"):
+        train(_toy_args(tmp_path, seed=1))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-00000002", "checkpoint-00000003"]
+    train(_toy_args(tmp_path, seed=1, max_steps=1, overwrite_output_dir=True))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-00000001"]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_resuming_another_runs_checkpoint_names_the_difference(tmp_path):
+    register_method(TOY)
+    train(_toy_args(tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match=r"belongs to another run.*seed: checkpoint 0, this run 5"):
+        train(_toy_args(tmp_path, seed=5, resume_from_checkpoint="latest"))
+    with pytest.raises(ValueError, match=r"belongs to another run.*learning_rate: checkpoint 0.01, this run 0.5"):
+        train(_toy_args(tmp_path, learning_rate=0.5, resume_from_checkpoint="latest"))
+    # what may change: how long it trains, how it logs and saves
+    summary = train(_toy_args(tmp_path, max_steps=4, save_every=4, resume_from_checkpoint="latest"))
+    assert summary["steps"] == 4
+
+
+def test_a_resumed_run_logs_no_step_twice_and_cleans_interrupted_writes(tmp_path):
+    register_method(TOY)
+    train(_toy_args(tmp_path))  # checkpoints at 2 and 3, metrics logged at 1, 2, 3
+    stale = tmp_path / "checkpoints" / ".tmp-checkpoint-00000009"
+    stale.mkdir()
+    # resume from step 2 as if the run had died after logging step 3
+    train(_toy_args(tmp_path, resume_from_checkpoint=str(tmp_path / "checkpoints" / "checkpoint-00000002")))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert not stale.exists()
+
+
+def test_a_typo_under_model_is_an_error_listing_the_config_fields(tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text("method: stego\nmodel:\n  dimm: 9\n")
+    with pytest.raises(
+        ValueError, match=r"unknown stego model option 'dimm'; the stego config's fields are \[.*'dim'"
+    ):
+        load_training_arguments(config)
+    # STEGO's own spelling of a field, and training settings of older files, are still read
+    args = load_training_arguments(None, method="stego", model={"stabalize": True, "max_steps": 3})
+    assert args.model == {"stabalize": True} and args.recipe == {"max_steps": 3}

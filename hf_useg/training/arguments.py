@@ -54,6 +54,9 @@ class TrainingArguments:
     model: dict | str | None = field(default_factory=dict, metadata={"help": "JSON overrides of the model config"})
     recipe: dict | str | None = field(default_factory=dict, metadata={"help": "JSON overrides of the recipe options"})
     output_dir: str = "outputs/run"
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "replace the run already in output_dir (else a fresh run refuses it)"}
+    )
     eval_batch_size: int = 8
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -95,6 +98,21 @@ class TrainingArguments:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+# PreTrainedConfig's own fields (accepted under model:, not worth listing in an error)
+_BASE_CONFIG_FIELDS = {
+    "transformers_version",
+    "architectures",
+    "output_hidden_states",
+    "return_dict",
+    "dtype",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "id2label",
+    "label2id",
+    "problem_type",
+}
+
+
 def _argument_names() -> set[str]:
     return {item.name for item in dataclasses.fields(TrainingArguments)}
 
@@ -131,6 +149,7 @@ def load_training_arguments(path: str | os.PathLike | None = None, **overrides: 
     argument_names = _argument_names()
 
     merged: dict[str, Any] = {"model": {}, "recipe": {}}
+    config_keys = config_names | {"num_labels"} | set(getattr(spec.load_config_class(), "accepted_aliases", ()))
     for source_name, source in ((str(path), values), ("overrides", flat)):
         for key, value in source.items():
             if key in ("model", "recipe"):
@@ -138,6 +157,12 @@ def load_training_arguments(path: str | os.PathLike | None = None, **overrides: 
                     value = json.loads(value)
                 for inner, inner_value in (value or {}).items():
                     legacy = key == "model" and inner in option_names and inner not in config_names
+                    if key == "model" and not legacy and inner not in config_keys:
+                        own = sorted(config_names - _BASE_CONFIG_FIELDS)
+                        raise ValueError(
+                            f"{source_name}: unknown {method} model option {inner!r}; the {method} config's fields "
+                            f"are {own} (training settings are the recipe's: {sorted(option_names)})"
+                        )
                     merged["recipe" if key == "recipe" or legacy else "model"][inner] = inner_value
             elif key in argument_names:
                 merged[key] = value

@@ -24,10 +24,20 @@ from typing import Any
 
 import torch
 
+from ..file_utils import atomic_file
 from ..image_processing import protocol_image_processor, whole_image_processor
 from ..inference import evaluate_segmenter, format_per_class_table, summarize, write_evaluation_report
 from .arguments import TrainingArguments, resolve_recipe_options
-from .checkpointing import STATE_FILE, latest_checkpoint, save_checkpoint, save_model_folder
+from .checkpointing import (
+    STATE_FILE,
+    check_output_dir,
+    check_same_run,
+    latest_checkpoint,
+    remove_interrupted_writes,
+    run_identity,
+    save_checkpoint,
+    save_model_folder,
+)
 from .data import load_backbone, load_splits
 from .recipe import Recipe, StepBatchSampler, TrainingRun, step_seed
 
@@ -61,19 +71,29 @@ def _processor(resolution: int | None, patch_size: int):
 
 
 class _Logger:
-    """Accelerate trackers plus ``metrics.jsonl`` (main process)."""
+    """Accelerate trackers plus ``metrics.jsonl`` (main process), whose lines it counts: a checkpoint records the
+    count, and a resumed run drops what the interrupted one logged after its checkpoint (no step twice)."""
 
     def __init__(self, accelerator, output_dir: Path):
-        self.accelerator, self.path = accelerator, output_dir / "metrics.jsonl"
+        self.accelerator, self.path, self.lines = accelerator, output_dir / "metrics.jsonl", 0
 
     def __call__(self, values: dict[str, float], step: int) -> None:
         self.accelerator.log(values, step=step)
         if self.accelerator.is_main_process:
             with self.path.open("a") as handle:
                 handle.write(json.dumps({"step": step, **values}) + "\n")
+        self.lines += 1
+
+    def truncate(self, lines: int) -> None:
+        self.lines = lines
+        if self.accelerator.is_main_process and self.path.exists():
+            kept = self.path.read_text().splitlines(keepends=True)[:lines]
+            with atomic_file(self.path) as tmp:
+                tmp.write_text("".join(kept))
 
 
-def _resume(accelerator, args: TrainingArguments) -> dict[str, Any] | None:
+def _checkpoint_to_resume(args: TrainingArguments) -> Path | None:
+    """The checkpoint ``resume_from_checkpoint`` names (None: a fresh run)."""
     request = args.resume_from_checkpoint
     if not request:
         return None
@@ -83,10 +103,7 @@ def _resume(accelerator, args: TrainingArguments) -> dict[str, Any] | None:
         return None
     if not (path / STATE_FILE).exists():
         raise ValueError(f"{path} is not a complete hf_useg checkpoint (no {STATE_FILE})")
-    accelerator.load_state(str(path))
-    state = json.loads((path / STATE_FILE).read_text())
-    accelerator.print(f"resumed from {path} at step {state['step']}")
-    return state
+    return path
 
 
 def _micro_batches(
@@ -148,6 +165,10 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     if args.max_train_images is not None:
         train_set = train_set.select(range(min(args.max_train_images, len(train_set))))
     has_train_labels = "label" in train_set.column_names
+    identity = run_identity(args, options, train_set)
+    checkpoint = _checkpoint_to_resume(args)
+    if checkpoint is not None:
+        check_same_run(checkpoint, identity)
     accelerator = Accelerator(
         log_with=args.report_to or None,
         project_dir=str(output_dir),
@@ -167,7 +188,10 @@ def train(args: TrainingArguments) -> dict[str, Any]:
         train_processor=_processor(options.resolution, patch),
         eval_processor=_processor(options.eval_resolution, patch),
     )
+    check_output_dir(output_dir, checkpoint is not None, args.overwrite_output_dir, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        remove_interrupted_writes(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_args.json").write_text(
             json.dumps({**dataclasses.asdict(args), "recipe_options": dataclasses.asdict(options)}, indent=2)
@@ -188,8 +212,12 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     else:
         prepared = accelerator.prepare(model)
     model = accelerator.unwrap_model(prepared)
-    state: dict[str, Any] = {"step": 0, "best_cluster_mean_iou": -1.0, "best_step": None}
-    state.update(_resume(accelerator, args) or {})
+    state: dict[str, Any] = {"step": 0, "best_cluster_mean_iou": -1.0, "best_step": None, "run": identity}
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state.update(json.loads((checkpoint / STATE_FILE).read_text()))
+        log.truncate(state.get("metrics_lines", log.lines))
+        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
 
     # the loop
     accumulation = args.gradient_accumulation_steps
@@ -243,6 +271,7 @@ def train(args: TrainingArguments) -> dict[str, Any]:
             if has_val and step % val_every == 0:
                 _validate(model, run, args, state, step, log)
             if step % args.save_every == 0 or step == max_steps:
+                state["metrics_lines"] = log.lines
                 save_checkpoint(accelerator, output_dir, dict(state), args.keep_checkpoints)
         progress.close()
 

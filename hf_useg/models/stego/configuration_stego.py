@@ -158,6 +158,7 @@ class StegoConfig(DatasetPresetsMixin, PreTrainedConfig):
     model_type = "stego"
     dataset_presets = _PRESETS
     preset_family = "STEGO"
+    accepted_aliases = ("stabalize",)  # STEGO's own spelling of `stabilize`
     sub_configs_defaults = {
         "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="vit", init_kwargs=DINO_VIT_BASE_8),
     }
