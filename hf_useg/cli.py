@@ -6,29 +6,98 @@ hf-useg push MODEL_DIR REPO_ID [--private] [--token TOKEN] [--keep-card]   (or: 
 hf-useg convert stego CHECKPOINT OUTPUT_DIR [--backbone-name HUB_ID]
 
 This module imports only the standard library at import time; each command imports what it needs.
+
+Problems with the arguments, the data or the model are reported as one line, ``hf-useg: <what is wrong>
+(<where>)``, with exit code 2; ``--debug`` shows the traceback instead. ``accelerate launch ... -m hf_useg.cli
+evaluate ...`` splits the evaluation images over the processes; only the main process writes and prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
 
-def _load_model(name_or_path: str):
-    from transformers import AutoConfig, AutoModel
+class CliError(Exception):
+    """A problem with the user's arguments, data or model: `main` reports it as one line and exits with code 2."""
+
+
+# Errors `main` reports as one line (``--debug`` shows the traceback): argument and data problems surface as
+# these from the loaders (ValueError, TypeError for unreadable columns; OSError covers missing files, PIL's
+# unreadable images and ConnectionError).
+_REPORTED_ERRORS = (CliError, ValueError, TypeError, OSError)
+
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _check_model_argument(name_or_path: str) -> None:
+    """Fail at once (before any import) on a local model path that does not exist or is not a model folder."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CliError(f"the model {name_or_path!r} is a file, not a model folder (config.json + weights)")
+        if not (path / "config.json").is_file():
+            raise CliError(f"{name_or_path!r} is not a model folder: it has no config.json")
+        return
+    looks_like_a_path = (
+        name_or_path.startswith((".", "/", "~"))
+        or name_or_path.endswith(("/", os.sep))
+        or not _HUB_ID_RE.match(name_or_path)
+        or ".." in name_or_path
+    )
+    if looks_like_a_path:
+        raise CliError(f"the model folder {name_or_path!r} does not exist")
+    if _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            raise CliError(
+                f"{name_or_path!r} is not an existing model folder, and the Hugging Face Hub is offline "
+                "(HF_HUB_OFFLINE=1) with no cached copy of it as a Hub id"
+            )
+
+
+def _load_model_config(name_or_path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except OSError as error:
+        if Path(name_or_path).expanduser().exists():
+            raise CliError(f"cannot load a model config from {name_or_path!r}: {error}") from error
+        raise CliError(
+            f"{name_or_path!r} is neither an existing model folder nor a model the Hugging Face Hub has "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        ) from error
+    except ValueError as error:  # e.g. a config.json of an unknown model_type
+        raise CliError(f"cannot load a model config from {name_or_path!r}: {error}") from error
+
+
+def _load_model(name_or_path: str, config, quiet: bool = False):
+    from transformers import AutoModel
+    from transformers.utils import logging as transformers_logging
 
     import hf_useg  # noqa: F401  (registers the Auto classes)
 
+    bars = transformers_logging.is_progress_bar_enabled()
+    if quiet and bars:
+        transformers_logging.disable_progress_bar()  # "Loading weights" on stderr
     try:
-        AutoConfig.from_pretrained(name_or_path)
-    except Exception as error:
-        raise SystemExit(f"hf-useg: cannot load a model config from {name_or_path!r}: {error}") from error
-    model = AutoModel.from_pretrained(name_or_path)
+        model = AutoModel.from_pretrained(name_or_path, config=config)
+    finally:
+        if quiet and bars:
+            transformers_logging.enable_progress_bar()
     if not hasattr(model, "predict"):
-        raise SystemExit(
-            f"hf-useg: {name_or_path!r} is a {type(model).__name__}, not an hf_useg segmentation model "
+        raise CliError(
+            f"{name_or_path!r} is a {type(model).__name__}, not an hf_useg segmentation model "
             "(expected e.g. StegoForUnsupervisedSegmentation)"
         )
     return model
@@ -50,26 +119,70 @@ def _load_processor(name_or_path: str, resolution: int | None):
         return protocol_image_processor(320)
 
 
+def _check_evaluate_arguments(args: argparse.Namespace) -> None:
+    """The numeric options and the model path, checked before anything heavy is imported."""
+    for option, minimum in (
+        ("num_classes", 1),
+        ("resolution", 1),
+        ("batch_size", 1),
+        ("max_images", 1),
+        ("crf_workers", 0),
+    ):
+        value = getattr(args, option)
+        if value is not None and value < minimum:
+            raise CliError(f"--{option.replace('_', '-')} must be at least {minimum}, got {value}")
+    if _launched_processes() > 1 and args.device:
+        raise CliError("--device does not apply under accelerate launch (each process uses its own device)")
+    _check_model_argument(args.model)
+
+
+def _launched_processes() -> int:
+    """The number of processes `accelerate launch` (or torchrun) started this one among; 1 otherwise."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import load_segmentation_dataset
-    from .inference import evaluate_segmenter, format_per_class_table, summarize, write_evaluation_report
+    """Score a model on a labelled dataset; under ``accelerate launch`` the images are split over the processes
+    and only the main process writes and prints."""
+    from .data import load_segmentation_dataset, segmentation_metadata
 
-    model = _load_model(args.model)
-    if args.device:
-        model.to(args.device)
-    processor = _load_processor(args.model, args.resolution)
-    dataset = load_segmentation_dataset(args.dataset, args.split, num_classes=args.num_classes, require_labels=True)
-    from .data import segmentation_metadata
-
+    # `main` checked the arguments; the data next, so that its problems are reported before the model loads.
+    dataset = load_segmentation_dataset(
+        args.dataset,
+        args.split,
+        num_classes=args.num_classes,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        require_labels=True,
+    )
     metadata = segmentation_metadata(dataset)
+    config = _load_model_config(args.model)
     num_classes = args.num_classes or metadata.get("num_classes")
     class_names = metadata.get("class_names")
     if num_classes is None:
-        num_classes = len(class_names) if class_names else getattr(model.config, "num_classes", None)
-        if num_classes is None:
-            raise SystemExit("hf-useg: --num-classes is required (neither the dataset nor the model names it)")
+        num_classes = len(class_names) if class_names else getattr(config, "num_classes", None)
+        if not num_classes:
+            raise CliError(f"--num-classes is required: neither the dataset {args.dataset!r} nor the model names it")
     if not class_names or len(class_names) < num_classes:
         class_names = [f"class_{i}" for i in range(num_classes)]
+    class_names = list(class_names)[:num_classes]
+
+    accelerator = None
+    if _launched_processes() > 1:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+    main_process = accelerator is None or accelerator.is_main_process
+
+    from .inference import evaluate_segmenter, format_per_class_table, summarize, write_evaluation_report
+
+    model = _load_model(args.model, config, quiet=args.quiet)
+    if args.device:
+        model.to(args.device)
+    processor = _load_processor(args.model, args.resolution)
     results = evaluate_segmenter(
         model,
         dataset,
@@ -81,14 +194,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         crf_workers=args.crf_workers,
         matching=args.matching,
         max_images=args.max_images,
-        progress=not args.quiet,
+        progress=not args.quiet and main_process,
+        accelerator=accelerator,
     )
+    if not main_process:
+        return 0
+    num_images = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
+    evaluation = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "split": args.split,
+        "num_images": num_images,
+        "split_size": len(dataset),
+        "complete": num_images == len(dataset),
+        "num_classes": num_classes,
+        "protocol": {
+            "resolution": int(processor.crop_size["height"]),
+            "crop": "center",
+            "flip_tta": not args.no_flip_tta,
+            "crf": args.crf,
+            "matching": args.matching,
+        },
+        "processes": 1 if accelerator is None else accelerator.num_processes,
+    }
     output_dir = Path(args.output_dir or Path("outputs") / "eval" / Path(args.model).name)
-    csv_path = write_evaluation_report(results, output_dir, class_names[:num_classes])
+    csv_path = write_evaluation_report(results, output_dir, class_names, evaluation=evaluation)
     if not args.quiet:
-        print(format_per_class_table(results, class_names[:num_classes]), file=sys.stderr)
+        print(format_per_class_table(results, class_names), file=sys.stderr)
+        if not evaluation["complete"]:
+            print(f"note: {num_images} of the {len(dataset)} images of the split (--max-images)", file=sys.stderr)
         print(f"per-class results: {csv_path}", file=sys.stderr)
-    line = {"model": args.model, "dataset": args.dataset, "split": args.split, **summarize(results)}
+    line = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "split": args.split,
+        "num_images": num_images,
+        **summarize(results),
+    }
     print(json.dumps(line))
     return 0
 
@@ -153,9 +295,15 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-useg", description="Unsupervised semantic segmentation on the HF stack")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+    # on every command too (`hf-useg evaluate ... --debug`); SUPPRESS keeps a top-level --debug
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    evaluate = commands.add_parser("evaluate", help="score a model on a labelled dataset (shared protocol)")
+    evaluate = commands.add_parser(
+        "evaluate", parents=[common], help="score a model on a labelled dataset (shared protocol)"
+    )
     evaluate.add_argument("model", help="model folder or Hub id")
     evaluate.add_argument("--dataset", required=True, help="Hub id, datasets folder, Parquet, or images/labels folder")
     evaluate.add_argument("--split", default="val")
@@ -174,18 +322,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-images", type=int, default=None)
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--output-dir", default=None, help="where eval_results.json and per_class_iou.csv go")
+    evaluate.add_argument("--image-column", default=None, help="the dataset's image column (default: found by name)")
+    evaluate.add_argument("--label-column", default=None, help="the dataset's label column (default: found by name)")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 
     demo = commands.add_parser(
         "demo",
+        parents=[common],
         help="train STEGO briefly, evaluate it and write a model folder (offline by default; BACKBONE/DATA env)",
     )
     demo.add_argument("--output-dir", default="demo_output")
     demo.add_argument("--steps", type=int, default=None)
     demo.set_defaults(func=cmd_demo)
 
-    push = commands.add_parser("push", help="upload a model folder (or the Space folder, --space) to the Hub")
+    push = commands.add_parser(
+        "push", parents=[common], help="upload a model folder (or the Space folder, --space) to the Hub"
+    )
     push.add_argument("folder", help="model folder (config.json, weights, image processor) or, with --space, spaces/")
     push.add_argument("repo_id", help="the Hub repository, e.g. me/stego-camvid")
     push.add_argument("--private", action="store_true", help="create the repository private")
@@ -202,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--no-package", action="store_true", help="(--space) do not bundle the hf_useg source")
     push.set_defaults(func=cmd_push)
 
-    convert = commands.add_parser("convert", help="convert a released checkpoint into a model folder")
+    convert = commands.add_parser(
+        "convert", parents=[common], help="convert a released checkpoint into a model folder"
+    )
     convert.add_argument("method", choices=["stego"], help="the method whose checkpoint it is")
     convert.add_argument("checkpoint", help="the released checkpoint file (e.g. cocostuff27_vit_base_5.ckpt)")
     convert.add_argument("output_dir", help="model folder to write (from_pretrained / pipeline loads it)")
@@ -219,10 +374,26 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    import hf_useg
+    try:
+        if args.func is cmd_evaluate:
+            _check_evaluate_arguments(args)  # before the imports below
+        import hf_useg
 
-    hf_useg._register_auto_classes()  # the console script defers it to here (see `hf_useg/__init__.py`)
-    return args.func(args)
+        hf_useg._register_auto_classes()  # the console script defers it to here (see `hf_useg/__init__.py`)
+        return args.func(args)
+    except _REPORTED_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"hf-useg: {_one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (the type's name when it has none)."""
+    message = " ".join(str(error).split())
+    if isinstance(error, KeyError) or not message:
+        return f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return message
 
 
 if __name__ == "__main__":

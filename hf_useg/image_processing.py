@@ -105,7 +105,11 @@ class UnsupervisedSegmentationImageProcessor(PilBackend):
     * PIL: modes ``1, L, LA, P, PA, RGB, RGBA, RGBX, CMYK, YCbCr, LAB, HSV`` go through
       ``Image.convert("RGB")`` — grey is replicated, palettes are looked up, **alpha is dropped (not
       composited)**, exactly like the datasets' ``Image.open(path).convert("RGB")``. 16/32-bit integer and
-      float modes (``I``, ``I;16``, ``F``) raise a `ValueError`: they have no fixed 0–255 range.
+      float modes (``I``, ``I;16``, ``F``) raise a `ValueError`: they have no fixed 0–255 range (PIL's
+      ``convert("RGB")`` would clip them to 255, not scale them). `hf_useg.data.load_segmentation_dataset`
+      rejects such images too, naming the file. The ``image-segmentation`` pipeline cannot: transformers'
+      ``load_image`` converts every input to RGB before this processor sees it, so convert 16-bit images to
+      8 bits yourself before passing them to a pipeline.
     * arrays/tensors: 1 channel is replicated to 3, 3 channels are RGB, a 4th (alpha) channel is dropped;
       2 or 5+ channels raise. Values must be integers in 0–255 (uint8); float inputs are accepted only with
       ``do_rescale=False`` (already in 0–1).

@@ -169,12 +169,22 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def write_evaluation_report(
-    results: dict[str, dict[str, Any]], output_dir: str | Path, class_names: Sequence[str] | None = None
+    results: dict[str, dict[str, Any]],
+    output_dir: str | Path,
+    class_names: Sequence[str] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``eval_results.json`` (everything, JSON-safe) and ``per_class_iou.csv`` into ``output_dir``."""
+    """Write ``eval_results.json`` (everything, JSON-safe) and ``per_class_iou.csv`` into ``output_dir``.
+
+    ``evaluation`` (what was evaluated: model, dataset, split, number of images, protocol; `hf-useg evaluate`
+    passes it) is stored under the ``"evaluation"`` key of ``eval_results.json``, beside the result sets.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "eval_results.json").write_text(json.dumps(_jsonable(results), indent=2))
+    if evaluation is not None and "evaluation" in results:
+        raise ValueError("results already hold an 'evaluation' entry")
+    record = {**results, "evaluation": evaluation} if evaluation is not None else results
+    (output_dir / "eval_results.json").write_text(json.dumps(_jsonable(record), indent=2))
     names = list(results)
     num_classes = len(next(iter(results.values()))["per_class_iou"])
     class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]

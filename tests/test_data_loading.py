@@ -145,7 +145,9 @@ def test_folder_pair_nested_and_unlabelled(tmp_path):
 
     test = load_segmentation_dataset(tmp_path, split="test")
     assert test.column_names == ["image", "file_name"]
-    with pytest.raises(ValueError, match=r"has no segmentation label column"):
+    with pytest.raises(
+        ValueError, match=r"has images but no label maps for the split 'test': expected them in .*labels/test/"
+    ):
         load_segmentation_dataset(tmp_path, split="test", require_labels=True)
 
 

@@ -78,8 +78,13 @@ def label_to_tensor(label: Any, num_classes: int | None = None, ignore_index: in
     return tensor.masked_fill_(invalid, ignore_index)
 
 
-def _encoded_size(value: dict | None) -> tuple[int, int] | None:
-    """(width, height) of an undecoded `datasets.Image` value, read from the file header only."""
+def _is_high_bit_depth(mode: str) -> bool:
+    """16/32-bit integer and float PIL modes: ``convert("RGB")`` clips them to 0-255 instead of scaling."""
+    return mode in ("I", "F") or mode.startswith("I;")
+
+
+def _encoded_header(value: dict | None) -> tuple[tuple[int, int], str, str] | None:
+    """((width, height), mode, name) of an undecoded `datasets.Image` value, read from the file header only."""
     if not value:
         return None
     if value.get("bytes") is not None:
@@ -90,13 +95,15 @@ def _encoded_size(value: dict | None) -> tuple[int, int] | None:
         return None  # e.g. a path inside a remote archive: checked nowhere, decoded later
     try:
         with PILImage.open(source) as image:
-            return image.size
+            return image.size, image.mode, name
     except (OSError, SyntaxError) as error:  # PIL raises UnidentifiedImageError (an OSError) and others
         raise ValueError(f"cannot read the image file {name!r}: {error}") from error
 
 
 def check_label_sizes(dataset, max_items: int | None = None, batch_size: int = 256) -> int:
-    """Raise when a label map's size differs from its image's; return the number of pairs checked.
+    """Raise when a label map's size differs from its image's, when a label map is not a single-channel map of
+    class ids (e.g. a colour-coded RGB map), or when an image has 16/32 bits per pixel (which the ``image``
+    column's RGB conversion would clip to 255, not scale); return the number of items checked.
 
     Only the file headers are read (no pixel decoding). `max_items` limits the check to the first items.
 
@@ -110,21 +117,38 @@ def check_label_sizes(dataset, max_items: int | None = None, batch_size: int = 2
     """
     import datasets
 
-    if "image" not in dataset.column_names or "label" not in dataset.column_names:
+    if "image" not in dataset.column_names:
         return 0
+    has_labels = "label" in dataset.column_names
     count = len(dataset) if max_items is None else min(len(dataset), max_items)
-    columns = ["image", "label"] + (["file_name"] if "file_name" in dataset.column_names else [])
+    columns = (
+        ["image"] + (["label"] if has_labels else []) + (["file_name"] if "file_name" in dataset.column_names else [])
+    )
     raw = dataset.select_columns(columns).select(range(count)).with_format(None)
-    raw = raw.cast_column("image", datasets.Image(decode=False)).cast_column("label", datasets.Image(decode=False))
+    for column in columns[: 2 if has_labels else 1]:
+        raw = raw.cast_column(column, datasets.Image(decode=False))
     for start in range(0, count, batch_size):
         batch = raw[start : start + batch_size]
         names = batch.get("file_name") or [None] * len(batch["image"])
-        for offset, (image, label, name) in enumerate(zip(batch["image"], batch["label"], names)):
-            image_size, label_size = _encoded_size(image), _encoded_size(label)
-            if image_size is not None and label_size is not None and image_size != label_size:
-                where = name if name is not None else f"item {start + offset}"
+        labels = batch["label"] if has_labels else [None] * len(batch["image"])
+        for offset, (image, label, name) in enumerate(zip(batch["image"], labels, names)):
+            image_header, label_header = _encoded_header(image), _encoded_header(label)
+            where = name if name is not None else f"item {start + offset}"
+            if image_header is not None and _is_high_bit_depth(image_header[1]):
                 raise ValueError(
-                    f"label size {label_size[0]}x{label_size[1]} differs from image size "
-                    f"{image_size[0]}x{image_size[1]} ({where}; sizes as width x height)"
+                    f"the image {image_header[2]!r} has PIL mode {image_header[1]!r} (16/32 bits per pixel), "
+                    f"which has no fixed 0-255 range: convert the images to 8-bit RGB first ({where})"
+                )
+            if label_header is not None and label_header[1] not in _LABEL_MODES:
+                raise ValueError(
+                    f"the label map {label_header[2]!r} has PIL mode {label_header[1]!r}, not a single-channel map "
+                    f"of class ids (modes {', '.join(_LABEL_MODES)}); convert colour-coded labels to class ids "
+                    f"first ({where})"
+                )
+            if image_header is not None and label_header is not None and image_header[0] != label_header[0]:
+                (label_w, label_h), (image_w, image_h) = label_header[0], image_header[0]
+                raise ValueError(
+                    f"label size {label_w}x{label_h} differs from image size {image_w}x{image_h} "
+                    f"({where}; sizes as width x height)"
                 )
     return count

@@ -55,13 +55,39 @@ class ProcessedSegmentationDataset(TorchDataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        example = self.dataset[int(index)]
+        try:
+            return self._process(int(index))
+        except (OSError, SyntaxError, ValueError) as error:  # unreadable files, PIL's and the processor's errors
+            raise ValueError(f"{error} ({self.describe_item(int(index))})") from error
+
+    def describe_item(self, index: int) -> str:
+        """``item <index>`` and, when the dataset stores them, the image (and label) file names: for messages."""
+        where = f"item {index}"
+        try:
+            import datasets
+
+            columns = [name for name in ("image", "label", "file_name") if name in self.dataset.column_names]
+            raw = self.dataset.select_columns(columns).select([index]).with_format(None)
+            for name in ("image", "label"):
+                if name in columns:
+                    raw = raw.cast_column(name, datasets.Image(decode=False))
+            row = raw[0]
+            files = [row[name].get("path") for name in ("image", "label") if name in row and row[name]]
+            files = [str(file) for file in files if file]
+            if not files and row.get("file_name"):
+                files = [str(row["file_name"])]
+        except Exception:  # a lazily transformed dataset (e.g. five crops) has no raw files to name
+            return where
+        return f"{where}: {', '.join(files)}" if files else where
+
+    def _process(self, index: int) -> dict[str, torch.Tensor | int]:
+        example = self.dataset[index]
         label = example.get("label") if self.with_labels else None
         if label is not None:
             image_size, label_size = _size(example["image"]), _size(label)
             if image_size != label_size:
                 raise ValueError(
-                    f"item {index}: the label map is {label_size[1]}x{label_size[0]} (WxH) but its image is "
+                    f"the label map is {label_size[1]}x{label_size[0]} (WxH) but its image is "
                     f"{image_size[1]}x{image_size[0]}; labels must have the image's size"
                 )
         if label is not None:
@@ -70,7 +96,7 @@ class ProcessedSegmentationDataset(TorchDataset):
             encoded = self.image_processor(example["image"], return_tensors="pt")
         item: dict[str, torch.Tensor | int] = {
             "pixel_values": encoded["pixel_values"][0],
-            "index": int(index),
+            "index": index,
         }
         if label is not None:
             labels = encoded["labels"][0].long()

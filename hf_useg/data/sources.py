@@ -49,6 +49,8 @@ LABEL_COLUMN_ALIASES: tuple[str, ...] = (
 )
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 _CHECKED_EMBEDDED_ITEMS = 32
+# what the demo and training call the generated scenes (`hf_useg.training` generates them in memory)
+_DEMO_DATASET_NAMES = frozenset({"synthetic"})
 
 
 def load_segmentation_dataset(
@@ -93,7 +95,9 @@ def load_segmentation_dataset(
         FileNotFoundError: the path does not exist and is not a Hub id; the Hub has no such dataset.
         ConnectionError: a Hub id while offline / the Hub unreachable.
         ValueError: split missing (the message lists the available ones), empty dataset, no image column
-            (the message lists the columns), missing label files, labels required but absent.
+            (the message lists the columns), missing label files, labels required but absent, unreadable
+            image files, colour-coded (RGB) label maps, 16/32-bit images (which would be clipped to 255), the
+            demo's name ``synthetic`` (generated in memory, not a dataset).
 
     Example:
 
@@ -116,6 +120,11 @@ def load_segmentation_dataset(
     class_info: dict[str, Any] = {}
     if path.exists():
         dataset, kind, class_info = _load_local(path, split)
+    elif source in _DEMO_DATASET_NAMES or source.startswith("generated synthetic"):
+        raise ValueError(
+            f"{source!r} is the demo's name for the scenes it generates during training, not a dataset on disk: "
+            "write a copy with hf_useg.data.save_synthetic_scenes(FOLDER, split='val') and pass FOLDER"
+        )
     elif isinstance(path_or_id, str) and _HUB_ID_RE.match(source) and ".." not in source:
         dataset, kind = _load_from_hub(source, split), "hub"
     else:
@@ -126,9 +135,14 @@ def load_segmentation_dataset(
 
     dataset = _normalise_columns(dataset, source, image_column, label_column)
     if require_labels and "label" not in dataset.column_names:
+        if kind == "folder":
+            raise ValueError(
+                f"the dataset {source!r} has images but no label maps for the split {split!r}: expected them "
+                f"in {Path(source) / 'labels' / split}/, beside {Path(source) / 'images' / split}/"
+            )
         raise ValueError(
             f"the dataset {source!r} (split {split!r}) has no segmentation label column "
-            f"(columns: {dataset.column_names}); pass label_column= to name it"
+            f"(columns: {dataset.column_names}); name it with label_column= (hf-useg evaluate --label-column)"
         )
 
     metadata = _resolve_class_metadata(num_classes, class_info, source)
@@ -137,7 +151,9 @@ def load_segmentation_dataset(
     _set_metadata(dataset, metadata)
     # Local image files: check every pair (headers only, cheap). Embedded bytes: reading them all could be
     # gigabytes, so only the first items are checked here.
-    check_label_sizes(dataset, max_items=None if kind in ("folder", "imagefolder") else _CHECKED_EMBEDDED_ITEMS)
+    # Images without labels (e.g. pretraining folders, possibly huge): the first items show their bit depth.
+    every_pair = kind in ("folder", "imagefolder") and "label" in dataset.column_names
+    check_label_sizes(dataset, max_items=None if every_pair else _CHECKED_EMBEDDED_ITEMS)
     return dataset
 
 
