@@ -58,3 +58,16 @@ def tiny_dinov2() -> Dinov2Config:
 def tiny_resnet() -> ResNetConfig:
     """A fresh ResNet-18-shaped config with one basic block per stage (see `tiny_configs.tiny_resnet_config`)."""
     return tiny_resnet_config()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hypothesis (tests/test_properties.py): the same examples on every run and machine, no example database in the
+# checkout, no per-example deadline (the first call of a transform pays for imports and warm-up)
+
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # the dev extra is not installed; test_properties.py skips itself
+    pass
+else:
+    _hypothesis_settings.register_profile("hf_useg", derandomize=True, database=None, deadline=None, print_blob=True)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "hf_useg"))
