@@ -190,7 +190,8 @@ def test_segment_endpoint_other_method_and_errors(app, served, dino_dir, stego_d
     assert "**DINO-feature k-means**" in info
     with pytest.raises(AppError, match="DINO-feature k-means models have no linear probe"):
         client.predict(handle_file(examples[2]), str(dino_dir), "linear", False, True, api_name="/segment")
-    with pytest.raises(AppError, match="cannot load the model 'tester/not-downloadable'"):
+    # only the offered models are served (custom names: tests/test_space_limits.py)
+    with pytest.raises(AppError, match="tester/not-downloadable is not in the list of choices"):
         client.predict(
             handle_file(examples[2]), "tester/not-downloadable", "cluster", False, True, api_name="/segment"
         )
@@ -222,8 +223,8 @@ def test_command_line_launches_build_demo(app, monkeypatch):
         def launch(self, **kwargs):
             launched.update(kwargs)
 
-    def fake_build_demo(models):
-        launched["models"] = models
+    def fake_build_demo(models, allow_custom_models=False):
+        launched.update(models=models, allow_custom_models=allow_custom_models)
         return FakeDemo()
 
     monkeypatch.setattr(app, "build_demo", fake_build_demo)
@@ -231,14 +232,20 @@ def test_command_line_launches_build_demo(app, monkeypatch):
     app.main(["--model", "a/folder", "--model", "tester/hub-model", "--port", "7999"])
     assert launched == {
         "models": ["a/folder", "tester/hub-model"],
+        "allow_custom_models": False,
         "server_name": "127.0.0.1",
         "server_port": 7999,
         "share": False,
+        "max_file_size": app.MAX_FILE_SIZE,
     }
     monkeypatch.setenv("SPACE_ID", "tester/space")
     launched.clear()
-    app.main([])
+    app.main([])  # what a Space runs: custom models stay off
     assert launched["server_name"] == "0.0.0.0" and launched["models"] == []
+    assert launched["allow_custom_models"] is False
+    launched.clear()
+    app.main(["--allow-custom-models"])
+    assert launched["allow_custom_models"] is True
 
 
 def test_space_settings_and_requirements():
