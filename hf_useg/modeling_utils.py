@@ -3,6 +3,7 @@ base, and the evaluation-time `predict` (flip TTA -> bilinear upsample -> probes
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "UnsupervisedSegmentationPreTrainedModel",
@@ -79,6 +82,11 @@ def check_pixel_values(pixel_values: torch.Tensor, patch_size: int | None = None
             )
 
 
+def _name_some(names: Sequence[str], limit: int = 20) -> str:
+    shown = list(names[:limit]) + ([f"... ({len(names)} in all)"] if len(names) > limit else [])
+    return str(shown)
+
+
 class UnsupervisedSegmentationPreTrainedModel(PreTrainedModel):
     """Thin base of every segmentation model here: weight init and the shared `predict` pipeline.
 
@@ -103,9 +111,37 @@ class UnsupervisedSegmentationPreTrainedModel(PreTrainedModel):
     # ----------------------------------------------------------------------------------------------------------
     # construction helpers
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, refusing a checkpoint of another method with a clear error (instead
-        of transformers' warning followed by a confusing shape error)."""
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *args,
+        allow_incomplete_weights: bool = False,
+        allow_non_finite: bool = False,
+        **kwargs,
+    ):
+        """`PreTrainedModel.from_pretrained`, refusing what would silently give a wrong model:
+
+        * a checkpoint of another method (instead of transformers' warning followed by a confusing shape error);
+        * weights the model has but the checkpoint lacks (transformers would initialise them randomly, e.g. a
+          ``model.safetensors`` without ``cluster_probe.clusters``): a `ValueError` naming them;
+        * parameters or buffers holding NaN or infinite values: a `ValueError` naming them.
+
+        Args:
+            allow_incomplete_weights: load anyway when weights are missing, leaving them at their initial values
+                (research use, e.g. reusing a backbone; a warning names them).
+            allow_non_finite: load anyway when weights hold NaN/inf (research use, e.g. inspecting a diverged run).
+            args, kwargs: as for `PreTrainedModel.from_pretrained` (``output_loading_info=True`` still returns
+                ``(model, loading_info)``).
+
+        Example:
+
+        ```python
+        >>> model = StegoForUnsupervisedSegmentation.from_pretrained("stego-cocostuff27")  # doctest: +SKIP
+        >>> partial = StegoForUnsupervisedSegmentation.from_pretrained(
+        ...     "partial-folder", allow_incomplete_weights=True
+        ... )  # doctest: +SKIP
+        ```
+        """
         expected = getattr(cls.config_class, "model_type", None)
         if expected and kwargs.get("config") is None and pretrained_model_name_or_path is not None:
             try:
@@ -118,7 +154,35 @@ class UnsupervisedSegmentationPreTrainedModel(PreTrainedModel):
                     f"{pretrained_model_name_or_path} holds a `{found}` model, not a `{expected}` one: load it with "
                     f"AutoModel.from_pretrained (after `import hf_useg`) or the matching class, or convert it first"
                 )
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        missing = sorted(loading_info.get("missing_keys") or ())
+        if missing and not allow_incomplete_weights:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} lacks weights of {cls.__name__}: {_name_some(missing)}. They would "
+                "be left randomly initialised (or zero), so the model's outputs would be meaningless; the folder is "
+                "incomplete or not this model's. Pass allow_incomplete_weights=True to load it anyway (research use)"
+            )
+        if missing:
+            logger.warning(
+                "%s: left at their initial values (allow_incomplete_weights=True): %s", cls.__name__, missing
+            )
+        if not allow_non_finite:
+            non_finite = [
+                name
+                for name, tensor in model.state_dict().items()
+                if (tensor.is_floating_point() or tensor.is_complex())
+                and tensor.device.type != "meta"
+                and not bool(torch.isfinite(tensor).all())
+            ]
+            if non_finite:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} has non-finite values (NaN or inf) in {_name_some(non_finite)}: "
+                    "a diverged run or a damaged file. Pass allow_non_finite=True to load it anyway (research use)"
+                )
+        return (model, loading_info) if output_loading_info else model
 
     @classmethod
     def from_pretrained_backbone(

@@ -17,9 +17,12 @@ import dataclasses
 import json
 import math
 import pickle
+import re
+import struct
 import sys
 import types
 import typing
+import zipfile
 from collections import OrderedDict, defaultdict
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from hf_useg import StegoForUnsupervisedSegmentation, UnsupervisedSegmentationIm
 from hf_useg.cli import main as cli_main
 from hf_useg.convert import (
     convert_stego_checkpoint,
+    convert_stego_state_dict,
     load_checkpoint,
     stego_config_from_checkpoint,
     stego_training_options_from_checkpoint,
@@ -588,3 +592,85 @@ def test_clear_errors_for_other_checkpoints(small, tmp_path):
     unknown = dict(small["state_dict"], **{"net.cluster3.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"unknown STEGO head weights.*net.cluster3.weight"):
         convert_stego_checkpoint(unknown)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# incomplete, non-finite or damaged STEGO checkpoints
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _tiny_stego_state_dict() -> dict[str, torch.Tensor]:
+    return stego_state_dict(embed_dim=64, depth=2, dim=8, n_classes=3, extra_clusters=1, seed=3)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "cluster_probe.clusters",
+        "linear_probe.bias",
+        "net.cluster1.0.bias",
+        "net.cluster2.2.weight",
+        "net.model.cls_token",
+        "net.model.norm.bias",
+        "net.model.blocks.1.attn.qkv.bias",
+        "net.model.blocks.0.mlp.fc2.weight",
+    ],
+)
+def test_stego_checkpoint_missing_one_key_names_it(key):
+    sd = _tiny_stego_state_dict()
+    del sd[key]
+    incomplete = rf"incomplete STEGO checkpoint: missing \['{re.escape(key)}'\]"
+    with pytest.raises(ValueError, match=incomplete):
+        convert_stego_checkpoint({"pytorch-lightning_version": "1.4.9", "state_dict": sd})
+    with pytest.raises(ValueError, match=incomplete):
+        convert_stego_checkpoint(sd)  # a bare state dict of STEGO's LightningModule
+    with pytest.raises(ValueError, match=incomplete):
+        stego_config_from_checkpoint({"state_dict": sd})
+    with pytest.raises(ValueError, match=rf"incomplete STEGO state dict: missing \['{re.escape(key)}'\]"):
+        convert_stego_state_dict(sd)
+
+
+def test_stego_checkpoint_file_missing_cluster_probe_is_not_called_another_model(tmp_path):
+    sd = _tiny_stego_state_dict()
+    del sd["cluster_probe.clusters"], sd["net.model.blocks.1.norm1.weight"]
+    path = tmp_path / "partial.ckpt"
+    save_with_fake_libraries(path, lambda modules: _lightning_checkpoint(sd, STEGO_CFG, 3, modules))
+    with pytest.raises(ValueError) as err:
+        convert_stego_checkpoint(path)
+    assert "incomplete STEGO checkpoint: missing ['net.model.blocks.1.norm1.weight', 'cluster_probe.clusters']" in str(
+        err.value
+    )
+    assert "another model" not in str(err.value)
+
+
+def test_non_finite_stego_weights_are_refused_with_their_names():
+    sd = _tiny_stego_state_dict()
+    sd["net.cluster1.0.weight"][0, 0] = float("nan")
+    sd["net.model.blocks.0.mlp.fc1.weight"][1, 2] = float("inf")
+    sd["decoder.weight"][:] = float("nan")  # dropped at conversion: not checked
+    with pytest.raises(
+        ValueError,
+        match=r"non-finite values \(NaN or inf\) in \['net.model.blocks.0.mlp.fc1.weight', 'net.cluster1.0.weight'\]"
+        r".*allow_non_finite=True",
+    ):
+        convert_stego_checkpoint(dict(sd))
+    model = convert_stego_checkpoint(dict(sd), allow_non_finite=True)
+    assert torch.isnan(model.segmentation_head.linear.weight[0, 0])
+    del sd["net.cluster1.0.weight"]  # an incomplete checkpoint is reported as such first
+    with pytest.raises(ValueError, match=r"incomplete STEGO checkpoint: missing \['net.cluster1.0.weight'\]"):
+        convert_stego_checkpoint(sd)
+
+
+def test_bit_flipped_stego_checkpoint_is_reported_as_corrupted(tmp_path):
+    sd = _tiny_stego_state_dict()
+    path = tmp_path / "flipped.ckpt"
+    save_with_fake_libraries(path, lambda modules: _lightning_checkpoint(sd, STEGO_CFG, 3, modules))
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        tensors = [i for i in archive.infolist() if "/data/" in i.filename]
+        info = max(tensors, key=lambda i: i.file_size)  # the largest tensor's bytes
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_length + extra_length + 101] ^= 0x04
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"flipped\.ckpt is corrupted: archive member '{re.escape(info.filename)}'"):
+        convert_stego_checkpoint(path)

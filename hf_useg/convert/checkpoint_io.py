@@ -6,13 +6,16 @@ a STEGO Lightning checkpoint stores its training config as an OmegaConf ``DictCo
 states keyed by ``pytorch_lightning`` classes; PiCIE's checkpoint stores an ``argparse.Namespace``. Unpickling
 such a file with plain `pickle` would import those libraries and run whatever the file names.
 
-[`load_checkpoint`] never does that. It first lists every global the pickle references (statically, without
-running it), then loads with ``torch.load(weights_only=True)`` and a minimal allow-list in which each
-referenced class of a known checkpoint-writing library is replaced by an inert stand-in: a class that only
-records the arguments and state it is given and has no other behaviour. Any other global (``os.system``,
-``builtins.eval``, an unknown module's class, ...) makes it raise a `ValueError` naming it, before anything
-is unpickled. Neither OmegaConf nor Lightning needs to be installed. OmegaConf containers in the result are
-then turned into plain ``dict``/``list`` values, so ``ckpt["hyper_parameters"]["cfg"]["dim"]`` works.
+[`load_checkpoint`] never does that. It first checks the CRC-32 of every member of a zip checkpoint (a damaged
+file is reported as corrupted instead of loading wrong tensors) and lists every global the pickle references
+(statically, following its stack and memo without running it; a global it cannot resolve, e.g. one named
+through computed values, is refused), then loads with ``torch.load(weights_only=True)`` and a minimal
+allow-list in which each referenced class of a known checkpoint-writing library is replaced by an inert
+stand-in: a class that only records the arguments and state it is given and has no other behaviour. Any
+other global (``os.system``, ``builtins.eval``, an unknown module's class, ...) makes it raise a `ValueError`
+naming it, before anything is unpickled. Neither OmegaConf nor Lightning needs to be installed. OmegaConf
+containers in the result are then turned into plain ``dict``/``list`` values, so
+``ckpt["hyper_parameters"]["cfg"]["dim"]`` works.
 
 Example:
 
@@ -32,6 +35,7 @@ import os
 import pickle
 import pickletools
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -132,25 +136,152 @@ def _normalize_global(module: str, name: str) -> str:
     return f"{module}.{name}"
 
 
+class _UnresolvablePickle(ValueError):
+    """The static scan met something it cannot follow (the message says what and where)."""
+
+
+# Opcodes that push a string: STACK_GLOBAL reads the module and the name from two of them.
+_STRING_OPCODES = {
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+    "UNICODE",
+    "SHORT_BINUNICODE",
+    "BINUNICODE",
+    "BINUNICODE8",
+}
+# Opcodes that call (or instantiate) what lies on the stack: the callable must be a global the scan resolved.
+_CALLING_OPCODES = {"REDUCE": 1, "NEWOBJ": 1, "NEWOBJ_EX": 2, "BUILD": 1}
+
+
 def _globals_in_pickle(stream: io.BufferedIOBase) -> set[str]:
-    found = set()
-    recent_strings: list[str] = []
-    for opcode, arg, _ in pickletools.genops(stream):
-        if opcode.name == "GLOBAL":
-            module, name = arg.split(" ", 1)
-            found.add(_normalize_global(module, name))
-        elif opcode.name == "STACK_GLOBAL" and len(recent_strings) >= 2:
-            found.add(_normalize_global(recent_strings[-2], recent_strings[-1]))
-        if isinstance(arg, str):
-            recent_strings.append(arg)
-        if opcode.name == "STOP":
+    """Follow one pickle's opcodes on a simulated stack and memo, without constructing anything.
+
+    Every stack entry is ``("str", text)``, ``("global", "module.name")`` or None (any other object). Memo
+    writes and reads (PUT/BINPUT/LONG_BINPUT/MEMOIZE, GET/BINGET/LONG_BINGET) keep what they store, so a
+    STACK_GLOBAL fed through the memo is resolved like a direct one. Raises `_UnresolvablePickle` for a global
+    built from anything but two plain strings, a call (REDUCE, NEWOBJ, OBJ) whose target is not a resolved
+    global, a BUILD that would set attributes on a global, and extension-registry globals (EXT1/2/4): a
+    ``torch.save`` file never needs them.
+    """
+    found: set[str] = set()
+    stack: list[Any] = []
+    metastack: list[list[Any]] = []
+    memo: dict[int, Any] = {}
+
+    def refuse(reason: str, position: int | None) -> _UnresolvablePickle:
+        return _UnresolvablePickle(f"{reason} (pickle opcode at byte {position})")
+
+    def pop() -> Any:
+        if not stack:
+            raise IndexError("pickle stack underflow")
+        return stack.pop()
+
+    def pop_mark() -> list[Any]:
+        nonlocal stack
+        items, stack = stack, metastack.pop()
+        return items
+
+    def is_kind(entry: Any, kind: str) -> bool:
+        return isinstance(entry, tuple) and entry[0] == kind
+
+    for opcode, arg, position in pickletools.genops(stream):
+        name = opcode.name
+        if name in _STRING_OPCODES:
+            stack.append(("str", arg) if isinstance(arg, str) else None)
+        elif name == "GLOBAL":
+            module, attribute = arg.split(" ", 1)
+            found.add(_normalize_global(module, attribute))
+            stack.append(("global", _normalize_global(module, attribute)))
+        elif name == "STACK_GLOBAL":
+            attribute, module = pop(), pop()
+            if not (is_kind(module, "str") and is_kind(attribute, "str")):
+                raise refuse("STACK_GLOBAL names a global through values that are not plain strings", position)
+            full_name = _normalize_global(module[1], attribute[1])
+            found.add(full_name)
+            stack.append(("global", full_name))
+        elif name == "INST":
+            module, attribute = arg.split(" ", 1)
+            found.add(_normalize_global(module, attribute))
+            pop_mark()
+            stack.append(None)
+        elif name == "OBJ":
+            items = pop_mark()
+            if not items or not is_kind(items[0], "global"):
+                raise refuse("OBJ instantiates something that is not a named global", position)
+            stack.append(None)
+        elif name in _CALLING_OPCODES:
+            for _ in range(_CALLING_OPCODES[name]):
+                pop()
+            target = pop()
+            if name == "BUILD":
+                if is_kind(target, "global"):
+                    raise refuse(f"BUILD sets state on the global {target[1]}", position)
+            elif not is_kind(target, "global"):
+                raise refuse(f"{name} calls something that is not a named global", position)
+            stack.append(None)
+        elif name in ("EXT1", "EXT2", "EXT4"):
+            raise refuse(f"{name} names a global through the copyreg extension registry", position)
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            if not stack:
+                raise IndexError("memo write from an empty stack")
+            memo[arg] = stack[-1]
+        elif name == "MEMOIZE":
+            if not stack:
+                raise IndexError("memo write from an empty stack")
+            memo[len(memo)] = stack[-1]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            if arg not in memo:
+                raise refuse(f"{name} reads memo entry {arg}, which was never written", position)
+            stack.append(memo[arg])
+        elif name == "DUP":
+            stack.append(stack[-1] if stack else pop())
+        elif name == "MARK":
+            metastack.append(stack)
+            stack = []
+        elif name == "POP":
+            if stack:
+                stack.pop()
+            else:
+                pop_mark()
+        elif name == "STOP":
             break
+        else:
+            before = opcode.stack_before
+            if pickletools.markobject in before:
+                pop_mark()
+                for _ in range(before.index(pickletools.markobject)):
+                    pop()
+            else:
+                for _ in before:
+                    pop()
+            stack.extend(None for _ in opcode.stack_after)
     return found
+
+
+def _check_archive(path: str, archive: zipfile.ZipFile) -> None:
+    """Read every member of a zip checkpoint, checking its CRC-32: torch.load does not, so a damaged file would
+    load with wrong tensors."""
+    for info in archive.infolist():
+        try:
+            with archive.open(info) as member:
+                while member.read(1 << 22):
+                    pass
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:
+            raise ValueError(
+                f"{path} is corrupted: archive member {info.filename!r} does not match its CRC-32 checksum or cannot "
+                f"be read ({error}); download or copy the file again"
+            ) from error
 
 
 def find_checkpoint_globals(path: str | os.PathLike) -> set[str]:
     """Every global (``module.name``) the pickle of a ``torch.save`` file references, found by reading its
-    opcodes (nothing is unpickled). Raises `ValueError` for a file that is not a ``torch.save`` checkpoint."""
+    opcodes on a simulated stack and memo (nothing is unpickled).
+
+    Raises `ValueError` for a file that is not a ``torch.save`` checkpoint, for a zip checkpoint whose members
+    fail their CRC-32 check ("corrupted"), and for a pickle that names a global in a way the scan cannot
+    resolve ("refusing to unpickle"), e.g. through computed values; such a file is never loaded.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -159,24 +290,44 @@ def find_checkpoint_globals(path: str | os.PathLike) -> set[str]:
         "archive nor a pickle"
     )
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
+        try:
+            archive = zipfile.ZipFile(path)
+        except zipfile.BadZipFile as error:
+            raise ValueError(f"{path} is corrupted: its zip directory cannot be read ({error})") from error
+        with archive:
+            _check_archive(path, archive)
+            # torch's writer names it "<archive>/data.pkl"; scan every candidate so that the one torch reads is
+            # among them
             records = [name for name in archive.namelist() if name.endswith("data.pkl")]
             if not records:
                 raise not_a_checkpoint
-            # torch's writer names it "<archive>/data.pkl"; take the shortest match (not a nested one)
-            data = archive.read(min(records, key=len))
-        try:
-            return _globals_in_pickle(io.BytesIO(data))
-        except Exception as error:  # a corrupt pickle: genops raises ValueError/IndexError/...
-            raise not_a_checkpoint from error
-    found: set[str] = set()
+            pickles = [archive.read(name) for name in records]
+        found: set[str] = set()
+        for data in pickles:
+            try:
+                found |= _globals_in_pickle(io.BytesIO(data))
+            except _UnresolvablePickle as error:
+                raise _refusal(path, error) from None
+            except Exception as error:  # a corrupt pickle: genops raises ValueError/IndexError/...
+                raise not_a_checkpoint from error
+        return found
+    found = set()
     with open(path, "rb") as stream:
         try:
             for _ in range(_LEGACY_PICKLES):
                 found |= _globals_in_pickle(stream)
+        except _UnresolvablePickle as error:
+            raise _refusal(path, error) from None
         except Exception as error:
             raise not_a_checkpoint from error
     return found
+
+
+def _refusal(path: str, error: _UnresolvablePickle) -> ValueError:
+    return ValueError(
+        f"refusing to unpickle {path}: {error}. A torch.save / Lightning checkpoint names its classes directly; "
+        "this file hides what it would import or call, so it is not loaded"
+    )
 
 
 def _allow_list(names: Iterable[str], extra_stand_ins: Iterable[str]) -> list[tuple[Any, str]]:
@@ -240,6 +391,19 @@ def _to_plain(value: Any, active: set[int]) -> Any:
         active.discard(id(value))
 
 
+def _unpickler_reason(error: Exception) -> str:
+    """The reason of a `torch.load` failure without torch's advice to retry with unsafe loading (this loader
+    exists so that no file is ever unpickled that way)."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    text = text.split(" Please use `torch.serialization", 1)[0].split("\n\nCheck the documentation", 1)[0]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    lines = [line for line in lines if "weights_only" not in line]
+    return " ".join(lines) or f"the weights-only unpickler refused the file ({type(error).__name__})"
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -260,7 +424,9 @@ def load_checkpoint(
         [`CheckpointStandIn`] instances.
 
     Raises:
-        `ValueError` when the file is not a checkpoint or references a global outside the allow-list.
+        `ValueError` when the file is not a checkpoint, is corrupted (a zip member fails its CRC-32 check; the
+        member is named), names a global the static scan cannot resolve, or references a global outside the
+        allow-list.
 
     Example:
 
@@ -277,7 +443,11 @@ def load_checkpoint(
         with torch.serialization.safe_globals(allowed):
             checkpoint = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(f"cannot load {os.fspath(path)} safely: {error}") from error
+        raise ValueError(
+            f"cannot load {os.fspath(path)} safely: torch's weights-only unpickler stopped: {_unpickler_reason(error)}"
+        ) from None
     except RuntimeError as error:  # e.g. a truncated zip archive
-        raise ValueError(f"{os.fspath(path)} is not a readable PyTorch checkpoint: {error}") from error
+        raise ValueError(
+            f"{os.fspath(path)} is not a readable PyTorch checkpoint: {_unpickler_reason(error)}"
+        ) from None
     return to_plain(checkpoint) if isinstance(checkpoint, (Mapping, list, tuple)) else checkpoint

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from transformers import ViTConfig
@@ -80,6 +80,23 @@ def _strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[s
     return stripped
 
 
+def expected_dino_vit_keys(keys: Iterable[str]) -> list[str]:
+    """Every weight name a DINO/timm ViT with the blocks found in ``keys`` (names without prefix) has: the
+    embeddings, the final norm and, for blocks ``0..max``, each block's norms, attention and MLP (``qkv.bias``
+    when any block has one, as in every DINO release)."""
+    keys = set(keys)
+    block_ids = {int(m.group(1)) for m in map(_BLOCK_KEY.match, keys) if m is not None}
+    qkv_bias = any(key.endswith(".attn.qkv.bias") for key in keys)
+    expected = list(_TOP_RENAMES)
+    for index in range(max(block_ids, default=-1) + 1):
+        parts = ["norm1", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
+        expected.append(f"blocks.{index}.attn.qkv.weight")
+        if qkv_bias:
+            expected.append(f"blocks.{index}.attn.qkv.bias")
+        expected += [f"blocks.{index}.{part}.{kind}" for part in parts for kind in ("weight", "bias")]
+    return expected
+
+
 def _check_dino(weights: Mapping[str, torch.Tensor], prefix: str) -> None:
     missing = [key for key in _REQUIRED if key not in weights]
     if missing:
@@ -88,6 +105,9 @@ def _check_dino(weights: Mapping[str, torch.Tensor], prefix: str) -> None:
             f"not a DINO/timm ViT state dict: missing {[prefix + key for key in missing]} (keys under prefix "
             f"{prefix!r} start with: {sample}). Pass prefix= for nested checkpoints ('net.model.' for STEGO)."
         )
+    missing = [prefix + key for key in expected_dino_vit_keys(weights) if key not in weights]
+    if missing:
+        raise KeyError(f"incomplete DINO/timm ViT state dict: missing {missing}")
 
 
 def convert_dino_vit_state_dict(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:

@@ -56,7 +56,7 @@ import torch
 from ..models.stego import StegoConfig, StegoForUnsupervisedSegmentation
 from ..models.stego.training_stego import StegoTrainingOptions
 from .checkpoint_io import load_checkpoint
-from .dino_vit import convert_dino_vit_state_dict, vit_config_from_dino_state_dict
+from .dino_vit import convert_dino_vit_state_dict, expected_dino_vit_keys, vit_config_from_dino_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +79,17 @@ _HEAD_RENAMES = {
     "linear_probe.weight": "linear_probe.weight",
     "linear_probe.bias": "linear_probe.bias",
 }
-_REQUIRED = (
-    "net.model.cls_token",
+# The head and probes every STEGO (DinoFeaturizer) checkpoint has; net.cluster2.* only with a nonlinear projection.
+_REQUIRED_HEAD = (
     "net.cluster1.0.weight",
+    "net.cluster1.0.bias",
     "cluster_probe.clusters",
     "linear_probe.weight",
+    "linear_probe.bias",
 )
+_NONLINEAR_HEAD = ("net.cluster2.0.weight", "net.cluster2.0.bias", "net.cluster2.2.weight", "net.cluster2.2.bias")
+# Keys that only STEGO's LightningModule has (besides the ViT under net.model.).
+_STEGO_MARKERS = ("net.cluster1.", "net.cluster2.", "cluster_probe.", "train_cluster_probe.", "linear_probe.")
 # Parts of STEGO's LightningModule that inference does not use.
 _UNUSED_PREFIXES = ("train_cluster_probe.", "decoder.")
 
@@ -165,17 +170,52 @@ def _describe(checkpoint: Any) -> str:
     return f"a dict with keys {_sample_keys(checkpoint)}"
 
 
+def _has_dino_vit(keys: Sequence[str]) -> bool:
+    return any(key.startswith(("net.model.blocks.", "net.model.patch_embed.")) for key in keys) or (
+        "net.model.cls_token" in keys
+    )
+
+
+def _is_stego(keys: Sequence[str]) -> bool:
+    """Whether the weights are STEGO's (a DINO ViT under ``net.model.`` and STEGO's head or probes), complete
+    or not."""
+    return _has_dino_vit(keys) and any(key.startswith(_STEGO_MARKERS) for key in keys)
+
+
+def _missing_stego_keys(state_dict: Mapping[str, Any]) -> list[str]:
+    """The weights a STEGO checkpoint with this ViT depth and projection type must have but ``state_dict`` lacks."""
+    keys = [str(key) for key in state_dict]
+    backbone = [key[len(_BACKBONE_PREFIX) :] for key in keys if key.startswith(_BACKBONE_PREFIX)]
+    expected = [_BACKBONE_PREFIX + key for key in expected_dino_vit_keys(backbone)] + list(_REQUIRED_HEAD)
+    if any(key.startswith("net.cluster2.") for key in keys):
+        expected += _NONLINEAR_HEAD
+    present = set(keys)
+    return [key for key in expected if key not in present]
+
+
+def _incomplete(what: str, missing: list[str]) -> ValueError:
+    shown = missing if len(missing) <= 20 else [*missing[:20], f"... ({len(missing)} in all)"]
+    return ValueError(
+        f"incomplete STEGO {what}: missing {shown}. The checkpoint is STEGO's but lacks these weights (a truncated or "
+        "partial save?); the model cannot be built without them"
+    )
+
+
 def _split_checkpoint(checkpoint: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state_dict, hyper_parameters)`` of a STEGO checkpoint (a Lightning checkpoint or a bare state dict of
-    STEGO's LightningModule); `ValueError` naming what was found otherwise."""
+    STEGO's LightningModule); `ValueError` naming what was found otherwise, or the missing weights of a STEGO
+    checkpoint that lacks some."""
     state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
     hyper_parameters: Any = {}
     if isinstance(state_dict, Mapping):
         hyper_parameters = checkpoint.get("hyper_parameters") or {}
-    elif isinstance(checkpoint, Mapping) and "net.cluster1.0.weight" in checkpoint:
+    elif isinstance(checkpoint, Mapping) and _is_stego([str(key) for key in checkpoint]):
         state_dict = checkpoint
-    if not isinstance(state_dict, Mapping) or any(key not in state_dict for key in _REQUIRED):
+    if not isinstance(state_dict, Mapping) or not _is_stego([str(key) for key in state_dict]):
         raise ValueError(f"not a STEGO checkpoint: found {_describe(checkpoint)}")
+    missing = _missing_stego_keys(state_dict)
+    if missing:
+        raise _incomplete("checkpoint", missing)
     if not isinstance(hyper_parameters, Mapping):
         raise ValueError(
             f"STEGO checkpoint: hyper_parameters is a {type(hyper_parameters).__name__}, expected a mapping"
@@ -197,7 +237,8 @@ def convert_stego_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str
     block is split into ``q_proj``/``k_proj``/``v_proj``.
 
     ``train_cluster_probe.*`` and ``decoder.*`` are dropped; other keys outside ``net.`` are dropped with a
-    warning; an unknown key under ``net.`` (a head this converter does not know) is a `ValueError`.
+    warning; an unknown key under ``net.`` (a head this converter does not know) is a `ValueError`, and so is a
+    STEGO state dict that lacks weights (they are named).
 
     Example:
 
@@ -208,9 +249,11 @@ def convert_stego_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str
     torch.Size([70, 384, 1, 1])
     ```
     """
-    missing = [key for key in _REQUIRED if key not in state_dict]
+    if not _is_stego([str(key) for key in state_dict]):
+        raise ValueError(f"not a STEGO state dict: found {_describe(dict(state_dict))}")
+    missing = _missing_stego_keys(state_dict)
     if missing:
-        raise ValueError(f"not a STEGO state dict: missing {missing} (found {_describe(dict(state_dict))})")
+        raise _incomplete("state dict", missing)
     converted = {
         f"backbone.model.{key}": value
         for key, value in convert_dino_vit_state_dict(state_dict, prefix=_BACKBONE_PREFIX).items()
@@ -471,12 +514,29 @@ def _write_model_folder(
     card.save(output_dir / "README.md")
 
 
+def _check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Refuse NaN/inf in the weights the model keeps (the dropped training-only parts are not checked)."""
+    bad = [
+        key
+        for key, value in state_dict.items()
+        if (key.startswith("net.") or key in _HEAD_RENAMES)
+        and (value.is_floating_point() or value.is_complex())
+        and not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        raise ValueError(
+            f"STEGO checkpoint has non-finite values (NaN or inf) in {bad}: a diverged run or a damaged file. "
+            "Pass allow_non_finite=True to convert it anyway (research use only)"
+        )
+
+
 def convert_stego_checkpoint(
     checkpoint_path: str | os.PathLike | Mapping[str, Any],
     output_dir: str | os.PathLike | None = None,
     *,
     id2label: Mapping[int, str] | Sequence[str] | None = None,
     backbone_name: str | None = None,
+    allow_non_finite: bool = False,
 ) -> StegoForUnsupervisedSegmentation:
     """Convert a released STEGO checkpoint into a [`StegoForUnsupervisedSegmentation`] (module docstring).
 
@@ -489,13 +549,16 @@ def convert_stego_checkpoint(
             (``README.md``).
         id2label: names of the cluster-probe outputs (default ``cluster_<i>``: clusters are not classes).
         backbone_name: Hub id of the DINO backbone, for the config and the card (default: inferred).
+        allow_non_finite: convert weights holding NaN or infinite values instead of refusing them (research use,
+            e.g. inspecting a diverged run; such a model's predictions are meaningless).
 
     Returns:
         The converted model, in eval mode.
 
     Raises:
-        `ValueError` for a file or object that is not a STEGO checkpoint (the message says what was found),
-        or that references classes outside the loader's allow-list.
+        `ValueError` for a file or object that is not a STEGO checkpoint (the message says what was found), a
+        STEGO checkpoint that lacks weights (named), weights with NaN/inf values (named), a damaged file, or
+        one that references classes outside the loader's allow-list.
 
     Example:
 
@@ -510,6 +573,8 @@ def convert_stego_checkpoint(
         checkpoint, source = load_checkpoint(checkpoint_path), Path(checkpoint_path).name
     config = stego_config_from_checkpoint(checkpoint, id2label=id2label, backbone_name=backbone_name)
     state_dict, hyper_parameters = _split_checkpoint(checkpoint)
+    if not allow_non_finite:
+        _check_finite(state_dict)
     weights = convert_stego_state_dict(state_dict)
 
     model = StegoForUnsupervisedSegmentation(config)
