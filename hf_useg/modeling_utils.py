@@ -17,6 +17,7 @@ from transformers.utils import ModelOutput
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CheckedLoadingMixin",
     "UnsupervisedSegmentationPreTrainedModel",
     "UnsupervisedSegmenterOutput",
     "UnsupervisedSegmentationPrediction",
@@ -87,29 +88,10 @@ def _name_some(names: Sequence[str], limit: int = 20) -> str:
     return str(shown)
 
 
-class UnsupervisedSegmentationPreTrainedModel(PreTrainedModel):
-    """Thin base of every segmentation model here: weight init and the shared `predict` pipeline.
+class CheckedLoadingMixin:
+    """``from_pretrained`` that refuses what would silently give a wrong model (a checkpoint of another method,
+    missing weights, NaN/inf weights); mixed into every model base class of the package."""
 
-    Subclasses implement `compute_code(pixel_values) -> [B, D, h, w]` (the embedding that is flip-averaged and
-    upsampled) and `probe_log_probs(code) -> (cluster_log_probs, linear_log_probs | None)`.
-    """
-
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    base_model_prefix = "segmenter"
-    supports_gradient_checkpointing = False
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        # The heads of the released methods use PyTorch's default initialisation; keep it (the guarded torch
-        # init functions inside reset_parameters() leave loaded weights untouched).
-        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)):
-            module.reset_parameters()
-        elif hasattr(module, "reset_parameters") and module.__class__.__module__.startswith("hf_useg"):
-            module.reset_parameters()
-
-    # ----------------------------------------------------------------------------------------------------------
-    # construction helpers
     @classmethod
     def from_pretrained(
         cls,
@@ -184,6 +166,30 @@ class UnsupervisedSegmentationPreTrainedModel(PreTrainedModel):
                 )
         return (model, loading_info) if output_loading_info else model
 
+
+class UnsupervisedSegmentationPreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
+    """Thin base of every segmentation model here: weight init and the shared `predict` pipeline.
+
+    Subclasses implement `compute_code(pixel_values) -> [B, D, h, w]` (the embedding that is flip-averaged and
+    upsampled) and `probe_log_probs(code) -> (cluster_log_probs, linear_log_probs | None)`.
+    """
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    base_model_prefix = "segmenter"
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # The heads of the released methods use PyTorch's default initialisation; keep it (the guarded torch
+        # init functions inside reset_parameters() leave loaded weights untouched).
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)):
+            module.reset_parameters()
+        elif hasattr(module, "reset_parameters") and module.__class__.__module__.startswith("hf_useg"):
+            module.reset_parameters()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # construction helpers
     @classmethod
     def from_pretrained_backbone(
         cls, backbone: str, config: PreTrainedConfig | None = None, **config_kwargs

@@ -248,7 +248,22 @@ def _dino_kmeans():
     return model
 
 
-MODELS = {"stego": _stego, "picie": _picie, "iic": _iic, "dino_kmeans": _dino_kmeans}
+def _dino_pretraining():
+    from hf_useg import DinoForSelfSupervisedPretraining, DinoPretrainingConfig
+
+    config = DinoPretrainingConfig(
+        backbone_config=tiny_vit_config(), out_dim=16, head_hidden_dim=8, head_bottleneck_dim=4, local_crops_number=0
+    )
+    return DinoForSelfSupervisedPretraining(config)
+
+
+MODELS = {
+    "stego": _stego,
+    "picie": _picie,
+    "iic": _iic,
+    "dino_kmeans": _dino_kmeans,
+    "dino_pretraining": _dino_pretraining,
+}
 
 
 def _save(model, folder: Path) -> dict[str, torch.Tensor]:
@@ -283,6 +298,7 @@ def test_legacy_dino_kmeans_fixture_still_loads():
         ("dino_kmeans", "cluster_probe.clusters"),
         ("picie", "centroids"),
         ("iic", "head_b.sub_heads.0.weight"),
+        ("dino_pretraining", "teacher_head.last_layer.weight_v"),
     ],
 )
 def test_missing_weights_are_an_error_naming_them(tmp_path, method, key):

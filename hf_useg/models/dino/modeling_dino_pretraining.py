@@ -20,6 +20,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from ...backbones import FeatureBackbone
+from ...modeling_utils import CheckedLoadingMixin
 from .configuration_dino_pretraining import DinoPretrainingConfig
 
 if TYPE_CHECKING:
@@ -356,7 +357,7 @@ class DinoPretrainingOutput(ModelOutput):
     teacher_temp: float | None = None
 
 
-class DinoPretrainingPreTrainedModel(PreTrainedModel):
+class DinoPretrainingPreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
     config_class = DinoPretrainingConfig
     base_model_prefix = "dino_pretraining"
     main_input_name = "pixel_values"
