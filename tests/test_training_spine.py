@@ -381,3 +381,18 @@ def test_a_typo_under_model_is_an_error_listing_the_config_fields(tmp_path):
     # STEGO's own spelling of a field, and training settings of older files, are still read
     args = load_training_arguments(None, method="stego", model={"stabalize": True, "max_steps": 3})
     assert args.model == {"stabalize": True} and args.recipe == {"max_steps": 3}
+
+
+def test_the_command_line_reports_a_mistake_in_one_line(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "training" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    assert script.main(["--config", str(STEGO_TINY), "--output_dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("train.py: output_dir") and "already holds a run (metrics.jsonl)" in error
+    assert len(error.splitlines()) == 1
+    with pytest.raises(ValueError, match="already holds a run"):
+        script.main(["--config", str(STEGO_TINY), "--output_dir", str(tmp_path), "--debug"])

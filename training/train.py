@@ -61,7 +61,22 @@ def _method(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train; a mistake in the options, the data or the output folder is one line on stderr and exit status 2
+    (``--debug`` shows the traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        return _train(argv)
+    except (ValueError, OSError) as error:
+        if debug:
+            raise
+        message = " ".join(str(error).split())
+        print(f"train.py: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def _train(argv: list[str]) -> int:
     method = _method(argv)
     if method not in method_names():
         method = None  # TrainingArguments names the valid methods
