@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,8 @@ from .configuration_utils import (  # noqa: F401  (re-exported: backbones is whe
 )
 
 logger = logging.get_logger(__name__)
+# serialises the eager-attention switch of `FeatureBackbone._run_with_last_attention` across threads
+_ATTENTION_SWITCH = threading.RLock()
 
 __all__ = [
     "BackboneFeatures",
@@ -418,17 +421,26 @@ class FeatureBackbone(nn.Module):
     def _run_with_last_attention(self, pixel_values: torch.Tensor, kwargs: dict) -> tuple[ModelOutput, torch.Tensor]:
         # Only the last layer's weights are kept (a forward hook), instead of output_attentions=True which
         # would hold every layer's [B, heads, N, N] matrix.
+        # Thread-safe (a served model answers several requests at once): the switch to eager attention is made and
+        # undone under one lock, and the hook keeps only this thread's attention weights.
         captured = []
-        handle = self._last_attention_module().register_forward_hook(lambda module, args, out: captured.append(out[1]))
-        previous = self.model.config._attn_implementation
-        try:
-            if previous != "eager":
-                self.model.set_attn_implementation("eager")
-            outputs = self.model(pixel_values, **kwargs)
-        finally:
-            handle.remove()
-            if previous != "eager":
-                self.model.set_attn_implementation(previous)
+        thread = threading.get_ident()
+
+        def keep(module, args, out):
+            if threading.get_ident() == thread:
+                captured.append(out[1])
+
+        with _ATTENTION_SWITCH:
+            handle = self._last_attention_module().register_forward_hook(keep)
+            previous = self.model.config._attn_implementation
+            try:
+                if previous != "eager":
+                    self.model.set_attn_implementation("eager")
+                outputs = self.model(pixel_values, **kwargs)
+            finally:
+                handle.remove()
+                if previous != "eager":
+                    self.model.set_attn_implementation(previous)
         if not captured or captured[-1] is None:
             raise RuntimeError(f"{type(self.model).__name__} returned no attention weights with eager attention")
         return outputs, captured[-1]

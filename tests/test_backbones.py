@@ -432,3 +432,22 @@ def test_converter_rejects_non_dino_state_dicts(tiny_reference):
         convert_dino_vit_state_dict([("cls_token", torch.zeros(1))])
     with pytest.raises(KeyError, match="not a ViTModel state dict"):
         convert_vit_state_dict_to_dino(tiny_reference.state_dict())
+
+
+def test_cls_attention_is_thread_safe(tiny_backbone):
+    """A served model answers several requests at once: concurrent attention and plain calls each get their own
+    results (the eager-attention switch is serialised, the hook keeps only its thread's weights)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = [torch.randn(1 + i % 3, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+    with torch.no_grad():
+        expected = [tiny_backbone(x, output_cls_attention=True).cls_attention for x in inputs]
+
+    def call(i):
+        with torch.no_grad():
+            if i % 2:
+                return tiny_backbone(inputs[i]).feature_map.shape[0] == inputs[i].shape[0]
+            return torch.allclose(tiny_backbone(inputs[i], output_cls_attention=True).cls_attention, expected[i])
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        assert all(pool.map(call, list(range(12)) * 4))
