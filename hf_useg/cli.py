@@ -249,8 +249,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     converters = {"stego": convert_stego_checkpoint}
     try:
         model = converters[args.method](args.checkpoint, args.output_dir, backbone_name=args.backbone_name)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"hf-useg convert: {error}") from error
+    except (ValueError, OSError) as error:  # not a checkpoint of this method, unsafe or damaged, missing
+        raise CliError(f"{error} (convert {args.method} {args.checkpoint})") from error
     config = model.config
     print(
         f"converted {args.method} checkpoint {args.checkpoint} -> {args.output_dir} "
@@ -277,7 +277,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             )
         else:
             if args.with_model or args.no_package:
-                raise SystemExit("hf-useg push: --with-model and --no-package only apply with --space")
+                raise CliError("--with-model and --no-package only apply with --space (push)")
             info = push_model_folder(
                 args.folder,
                 args.repo_id,
@@ -288,7 +288,7 @@ def cmd_push(args: argparse.Namespace) -> int:
                 commit_message=args.commit_message,
             )
     except (ValueError, OSError) as error:  # bad folders; HTTP, auth and offline errors of huggingface_hub
-        raise SystemExit(f"hf-useg push: {error}") from error
+        raise CliError(f"{error} (push {args.folder} to {args.repo_id})") from error
     print(f"pushed {args.folder} -> {info.repo_url} ({info.commit_url})")
     return 0
 

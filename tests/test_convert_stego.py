@@ -674,3 +674,12 @@ def test_bit_flipped_stego_checkpoint_is_reported_as_corrupted(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=rf"flipped\.ckpt is corrupted: archive member '{re.escape(info.filename)}'"):
         convert_stego_checkpoint(path)
+
+
+def test_cli_convert_of_a_bad_file_is_one_line_with_exit_status_2(tmp_path, capsys):
+    not_a_checkpoint = tmp_path / "notes.ckpt"
+    not_a_checkpoint.write_text("not a checkpoint")
+    assert cli_main(["convert", "stego", str(not_a_checkpoint), str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("hf-useg: ") and error.endswith(f"(convert stego {not_a_checkpoint})\n")
+    assert len(error.splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -549,9 +549,11 @@ def test_cli_push(trained_model_dir, fake_hub, capsys):
     assert f"-> {fake_hub.url}/tester/cli-model" in capsys.readouterr().out
     assert main(["push", str(REPO_ROOT / "spaces"), "tester/cli-space", "--space", "--token", TOKEN]) == 0
     assert "hf_useg/__init__.py" in fake_hub.files("space", "tester/cli-space")
-    with pytest.raises(SystemExit, match="hf-useg push: .*has no config.json"):
-        main(["push", str(REPO_ROOT / "spaces"), "tester/x", "--token", TOKEN])
-    with pytest.raises(SystemExit, match="401"):
-        main(["push", str(trained_model_dir), "tester/y", "--token", "hf_wrong"])
-    with pytest.raises(SystemExit, match="only apply with --space"):
-        main(["push", str(trained_model_dir), "tester/y", "--no-package"])
+    capsys.readouterr()
+    # mistakes are one line on stderr, exit status 2
+    assert main(["push", str(REPO_ROOT / "spaces"), "tester/x", "--token", TOKEN]) == 2
+    assert re.fullmatch(r"hf-useg: .*has no config.json.* \(push .*spaces to tester/x\)\n", capsys.readouterr().err)
+    assert main(["push", str(trained_model_dir), "tester/y", "--token", "hf_wrong"]) == 2
+    assert "401" in capsys.readouterr().err
+    assert main(["push", str(trained_model_dir), "tester/y", "--no-package"]) == 2
+    assert capsys.readouterr().err == "hf-useg: --with-model and --no-package only apply with --space (push)\n"
