@@ -252,27 +252,10 @@ TOY = MethodSpec(
 
 def test_a_toy_method_from_the_readme_trains_resumes_and_saves(tmp_path):
     register_method(TOY)
-    common = dict(
-        method="toy",
-        backbone="random-vit-micro",
-        synthetic_num_images=8,
-        synthetic_image_size=32,
-        synthetic_num_classes=3,
-        resolution=32,
-        eval_resolution=32,
-        batch_size=4,
-        val_every=2,
-        save_every=2,
-        progress=False,
-    )
-    summary = train(load_training_arguments(None, output_dir=str(tmp_path / "full"), max_steps=4, **common))
+    summary = train(_toy_args(tmp_path / "full", max_steps=4, val_every=2))
     assert summary["steps"] == 4 and 0.0 <= summary["cluster_mean_iou"] <= 1.0
-    train(load_training_arguments(None, output_dir=str(tmp_path / "cut"), max_steps=2, **common))
-    train(
-        load_training_arguments(
-            None, output_dir=str(tmp_path / "cut"), max_steps=4, resume_from_checkpoint="latest", **common
-        )
-    )
+    train(_toy_args(tmp_path / "cut", max_steps=2, val_every=2))
+    train(_toy_args(tmp_path / "cut", max_steps=4, val_every=2, resume_from_checkpoint="latest"))
     full, resumed = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("full", "cut"))
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
@@ -288,30 +271,13 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     """Two micro-batches of 2 accumulated are the batch of 4 (the sampler cuts the same items; the toy loss is a
     mean over equal-sized batches), up to float rounding."""
     register_method(TOY)
-    common = dict(
-        method="toy",
-        backbone="random-vit-micro",
-        synthetic_num_images=8,
-        synthetic_image_size=32,
-        synthetic_num_classes=3,
-        resolution=32,
-        eval_resolution=32,
-        val_every=100,
-        save_every=100,
-        max_steps=3,
-        progress=False,
-    )
-    train(load_training_arguments(None, output_dir=str(tmp_path / "batch4"), batch_size=4, **common))
-    accumulated = train(
-        load_training_arguments(
-            None, output_dir=str(tmp_path / "accumulated"), batch_size=2, gradient_accumulation_steps=2, **common
-        )
-    )
+    train(_toy_args(tmp_path / "batch4", batch_size=4))
+    accumulated = train(_toy_args(tmp_path / "accumulated", batch_size=2, gradient_accumulation_steps=2))
     assert accumulated["steps"] == 3
     large, micro = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("batch4", "accumulated"))
     torch.testing.assert_close(micro["cluster_probe.clusters"], large["cluster_probe.clusters"], rtol=1e-5, atol=1e-6)
     # without accumulation the same micro-batches make 3 steps of their own: another model
-    train(load_training_arguments(None, output_dir=str(tmp_path / "batch2"), batch_size=2, **common))
+    train(_toy_args(tmp_path / "batch2", batch_size=2))
     small = load_file(tmp_path / "batch2" / "model" / "model.safetensors")
     assert not torch.allclose(small["cluster_probe.clusters"], large["cluster_probe.clusters"], rtol=1e-5, atol=1e-6)
 
