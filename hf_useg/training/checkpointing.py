@@ -1,5 +1,7 @@
-"""Resumable checkpoints, written atomically (a checkpoint folder is either complete or absent), and the atomic
-model folders (``best/``, ``model/``) of a run."""
+"""Resumable checkpoints, written atomically (a checkpoint folder is either complete or absent, its files fsynced
+before the rename), the atomic model folders (``best/``, ``model/``) of a run, and the guards that keep runs
+apart: every checkpoint carries the identity of its run, a checkpoint of another run is never resumed, and a
+fresh run never takes over a folder that holds another run."""
 
 from __future__ import annotations
 
