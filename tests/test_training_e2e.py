@@ -129,44 +129,53 @@ def test_cached_backbone_features_train_the_same_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_with_accelerate_launch(tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo): DDP training, the kNN table shared
-    through its cache file, evaluation split over the processes, one model folder."""
+@pytest.mark.parametrize("config", ["stego_tiny", "picie_tiny", "iic_tiny", "dino_pretrain_tiny"])
+def test_two_cpu_processes_with_accelerate_launch(config, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo), for every method with training steps:
+    DDP training (STEGO's kNN table shared through its cache file, PiCIE's clustering gathered over the processes,
+    IIC's unused head, DINO's centre all-reduced), evaluation split over the processes, one model folder; a run
+    interrupted after its step-2 checkpoint and resumed in 2 processes equals the uninterrupted 2-process run."""
     import os
     import socket
     import subprocess
     import sys
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        str(REPO / "training" / "train.py"),
-        "--config",
-        str(TINY),
-        "--output_dir",
-        str(tmp_path / "run"),
-        "--max_steps",
-        "4",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["steps"] == 4 and 0.0 <= summary["cluster_mean_iou"] <= 1.0
+    def launch(output: Path, *extra: str, retried: bool = False) -> dict:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        command += ["--main_process_port", str(port), str(REPO / "training" / "train.py")]
+        command += ["--config", str(REPO / "training" / "configs" / f"{config}.yaml"), "--output_dir", str(output)]
+        try:
+            result = subprocess.run([*command, *extra], env=env, capture_output=True, text=True, timeout=240)
+        except subprocess.TimeoutExpired:
+            # gloo on an oversubscribed 2-core machine has been seen to stall (twice, under a parallel test
+            # run); one retry on a fresh port, so that only a deadlock that repeats fails the test
+            if retried:
+                raise
+            fresh = "--resume_from_checkpoint" not in extra
+            return launch(output, *extra, *(["--overwrite_output_dir", "true"] if fresh else []), retried=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    summary = launch(tmp_path / "run", "--max_steps", "4", "--save_every", "2")
+    assert summary["steps"] == 4
+    if config != "dino_pretrain_tiny":  # the others are segmenters, evaluated at the end
+        assert 0.0 <= summary["cluster_mean_iou"] <= 1.0
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert latest_checkpoint(tmp_path / "run").name == "checkpoint-00000004"
+
+    # the same run interrupted after its step-2 checkpoint: resumed in 2 processes, it ends where it did
+    import shutil
+
+    shutil.copytree(tmp_path / "run", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "model")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "checkpoint-00000004")
+    step_2 = tmp_path / "cut" / "checkpoints" / "checkpoint-00000002"
+    launch(tmp_path / "cut", "--max_steps", "4", "--save_every", "2", "--resume_from_checkpoint", str(step_2))
+    expected, resumed = _weights(tmp_path / "run" / "model"), _weights(tmp_path / "cut" / "model")
+    for key in expected:
+        assert torch.equal(resumed[key], expected[key]), key

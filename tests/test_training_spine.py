@@ -362,3 +362,13 @@ def test_the_command_line_reports_a_mistake_in_one_line(tmp_path, capsys):
     assert len(error.splitlines()) == 1
     with pytest.raises(ValueError, match="already holds a run"):
         script.main(["--config", str(STEGO_TINY), "--output_dir", str(tmp_path), "--debug"])
+
+
+def test_dino_pretraining_is_not_resumed_with_another_length(tmp_path):
+    """DINO's cosine schedules span the whole run: another max_steps is another run."""
+    tiny = REPO / "training" / "configs" / "dino_pretrain_tiny.yaml"
+    train(load_training_arguments(tiny, output_dir=str(tmp_path), max_steps=2, save_every=2))
+    with pytest.raises(
+        ValueError, match=r"belongs to another run, refusing to resume it \(max_steps: checkpoint 2, this run 6\)"
+    ):
+        train(load_training_arguments(tiny, output_dir=str(tmp_path), resume_from_checkpoint="latest"))

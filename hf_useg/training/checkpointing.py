@@ -54,8 +54,9 @@ def run_identity(args, options, train_set) -> dict[str, Any]:
     # the resolved recipe options below stand for the raw `recipe` overrides
     skipped = _RESUMABLE_CHANGES | {"recipe"}
     identity = {key: value for key, value in dataclasses.asdict(args).items() if key not in skipped}
+    may_change = _RESUMABLE_CHANGES - set(getattr(options, "fixed_on_resume", ()))
     identity["recipe_options"] = {
-        key: value for key, value in dataclasses.asdict(options).items() if key not in _RESUMABLE_CHANGES
+        key: value for key, value in dataclasses.asdict(options).items() if key not in may_change
     }
     identity["train_data"] = getattr(train_set, "_fingerprint", None) or f"{len(train_set)} items"
     return json.loads(json.dumps(identity, default=str))  # what a JSON round trip gives back, for comparisons

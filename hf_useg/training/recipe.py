@@ -203,6 +203,8 @@ class RecipeOptions:
     val_every: int | None = 100
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # options that usually may change when a run is resumed (max_steps, val_every) but not for this method
+    fixed_on_resume: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import DataLoader
@@ -107,6 +107,9 @@ class DinoPretrainingTrainingOptions(RecipeOptions):
     momentum_teacher: float = 0.996
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 0.0
+
+    # the cosine schedules span the whole run: another max_steps is another run, not a resumed one
+    fixed_on_resume: ClassVar[tuple[str, ...]] = ("max_steps",)
 
     def __post_init__(self):
         for name in ("resolution", "eval_resolution"):
