@@ -248,7 +248,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     converters = {"stego": convert_stego_checkpoint}
     try:
-        model = converters[args.method](args.checkpoint, args.output_dir, backbone_name=args.backbone_name)
+        model = converters[args.method](
+            args.checkpoint,
+            args.output_dir,
+            backbone_name=args.backbone_name,
+            allow_non_finite=args.allow_non_finite,
+        )
     except (ValueError, OSError) as error:  # not a checkpoint of this method, unsafe or damaged, missing
         raise CliError(f"{error} (convert {args.method} {args.checkpoint})") from error
     config = model.config
@@ -362,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("checkpoint", help="the released checkpoint file (e.g. cocostuff27_vit_base_5.ckpt)")
     convert.add_argument("output_dir", help="model folder to write (from_pretrained / pipeline loads it)")
     convert.add_argument("--backbone-name", default=None, help="Hub id of the backbone (default: inferred)")
+    convert.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="convert even when weights hold NaN/inf (research use: e.g. inspecting a diverged run)",
+    )
     convert.set_defaults(func=cmd_convert)
     return parser
 

@@ -683,3 +683,15 @@ def test_cli_convert_of_a_bad_file_is_one_line_with_exit_status_2(tmp_path, caps
     error = capsys.readouterr().err
     assert error.startswith("hf-useg: ") and error.endswith(f"(convert stego {not_a_checkpoint})\n")
     assert len(error.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_cli_convert_refuses_non_finite_weights_unless_allowed(tmp_path, capsys):
+    sd = _tiny_stego_state_dict()
+    sd["net.cluster1.0.weight"][0, 0] = float("nan")
+    path = tmp_path / "diverged.ckpt"
+    torch.save({"state_dict": sd}, path)
+    assert cli_main(["convert", "stego", str(path), str(tmp_path / "refused")]) == 2
+    assert "non-finite values (NaN or inf) in ['net.cluster1.0.weight']" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert cli_main(["convert", "stego", str(path), str(tmp_path / "kept"), "--allow-non-finite"]) == 0
+    assert (tmp_path / "kept" / "model.safetensors").exists()
