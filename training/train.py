@@ -19,6 +19,7 @@ import json
 import sys
 
 import yaml
+from accelerate import PartialState
 from transformers import HfArgumentParser
 
 from hf_useg.registry import get_method, method_names
@@ -92,10 +93,11 @@ def _train(argv: list[str]) -> int:
         model[key] = yaml.safe_load(value)  # recipe options among them are routed to the recipe
     args = load_training_arguments(config_path, model=model or None, **options)
     summary = train(args)
-    table = summary.pop("per_class_table", None)
-    if table:
-        print(table)
-    print(json.dumps(summary))
+    if PartialState().is_main_process:  # one summary, not one per process (their lines would interleave)
+        table = summary.pop("per_class_table", None)
+        if table:
+            print(table)
+        print(json.dumps(summary), flush=True)
     return 0
 
 
