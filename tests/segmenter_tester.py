@@ -239,7 +239,7 @@ class UnsupervisedSegmenterTesterMixin:
         model.train()
         got = model.predict(pixel_values).cluster_log_probs
         assert model.training
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the same model object: dropout etc. off
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)  # dropout etc. off in predict
 
     # --------------------------------------------------------------------------------------------------------------
     # save / load

@@ -497,12 +497,17 @@ class _Interrupted(Exception):
     pass
 
 
-def _assert_same_weights(output: Path, reference: Path) -> None:
+def _assert_same_weights(output: Path, reference: Path, exact: bool = True) -> None:
+    """``exact``: bit-equal (a resumed run in this process); else equal up to float rounding (views computed in
+    DataLoader worker processes, whose torch uses one thread: reductions may round differently)."""
     weights = load_file(str(output / "model" / "model.safetensors"))
     expected = load_file(str(reference / "model" / "model.safetensors"))
     assert weights.keys() == expected.keys()
-    for name, value in expected.items():
-        assert torch.equal(weights[name], value), name  # student, teacher, heads and the center
+    for name, value in expected.items():  # student, teacher, heads and the center
+        if exact:
+            assert torch.equal(weights[name], value), name
+        else:
+            torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow
@@ -551,7 +556,7 @@ def test_dataloader_workers_build_the_same_views(uninterrupted, image_folder, tm
     full_output, _ = uninterrupted
     output = tmp_path / "workers"
     train(load_training_arguments(TINY, dataset=str(image_folder), output_dir=str(output), num_workers=2))
-    _assert_same_weights(output, full_output)
+    _assert_same_weights(output, full_output, exact=False)
 
 
 def test_trainer_rejects_options_that_do_not_apply(tmp_path):

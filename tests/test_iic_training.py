@@ -357,9 +357,16 @@ def test_dataloader_workers_train_the_same_model(uninterrupted, tmp_path):
     expected = load_file(str(full_output / "model" / "model.safetensors"))
     actual = load_file(str(tmp_path / "workers" / "model" / "model.safetensors"))
     assert expected.keys() == actual.keys()
+    # worker processes run torch on one thread (the jitter's means may round differently): float tolerance
     for key in expected:
-        assert torch.equal(actual[key], expected[key]), key
-    assert (tmp_path / "workers" / "metrics.jsonl").read_text() == (full_output / "metrics.jsonl").read_text()
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    logged, reference = (
+        [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        for folder in (tmp_path / "workers", full_output)
+    )
+    assert [sorted(line) for line in logged] == [sorted(line) for line in reference]
+    for line, expected_line in zip(logged, reference):
+        assert line == pytest.approx(expected_line, rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.slow

@@ -136,13 +136,14 @@ def test_dino_kmeans_fitted_state_is_saved_with_the_weights(tmp_path):
 
 @pytest.mark.slow
 def test_dataloader_workers_build_the_same_batches(tmp_path):
-    """STEGO's pairs are drawn in the DataLoader: two workers train exactly the model no worker trains."""
+    """STEGO's pairs are drawn in the DataLoader: two workers train the model no worker trains (up to float
+    rounding: worker processes run torch on one thread)."""
     common = dict(max_steps=3, val_every=100, save_every=100, synthetic_num_images=8, five_crop=False)
     train(load_training_arguments(STEGO_TINY, output_dir=str(tmp_path / "main"), **common))
     train(load_training_arguments(STEGO_TINY, output_dir=str(tmp_path / "workers"), num_workers=2, **common))
     main, workers = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("main", "workers"))
     for key in main:
-        assert torch.equal(main[key], workers[key]), key
+        torch.testing.assert_close(workers[key], main[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.slow
