@@ -41,7 +41,6 @@ class MethodSpec:
 
     Args:
         name: the ``--method`` value of ``training/train.py`` (e.g. ``"stego"``).
-        model_type: ``config.model_type`` of its models (the key of ``config.json``).
         display_name: human name for cards, the CLI and the Space (e.g. ``"STEGO"``).
         paper: the reference, e.g. ``"Hamilton et al., ICLR 2022, arXiv:2203.08414"``.
         description: one sentence for model cards.
@@ -51,7 +50,6 @@ class MethodSpec:
     """
 
     name: str
-    model_type: str
     display_name: str
     paper: str
     description: str
@@ -64,6 +62,11 @@ class MethodSpec:
     def _load(reference: str):
         module, _, attribute = reference.partition(":")
         return getattr(importlib.import_module(module), attribute)
+
+    @property
+    def model_type(self) -> str:
+        """``config.model_type`` of the method's models (the key of ``config.json``)."""
+        return self.load_config_class().model_type
 
     def load_config_class(self) -> type:
         return self._load(self.config_class)

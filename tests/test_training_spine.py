@@ -30,7 +30,6 @@ def test_every_method_is_registered_once_with_loadable_classes():
     for name in method_names():
         spec = get_method(name)
         config_class, model_class = spec.load_config_class(), spec.load_model_class()
-        assert config_class.model_type == spec.model_type
         assert model_class.config_class is config_class
         assert issubclass(spec.load_recipe_class(), Recipe)
         assert method_for_model_type(spec.model_type) is spec
@@ -241,7 +240,6 @@ class ToyRecipe(Recipe):
 
 TOY = MethodSpec(
     name="toy",
-    model_type="toy_segmenter",
     display_name="Toy",
     paper="nobody, never",
     description="A cluster probe on frozen features (a test of the spine).",

@@ -144,7 +144,8 @@ class StepBatchSampler(Sampler[list[BatchIndex]]):
 
 class ItemsByBatchIndex(torch.utils.data.Dataset):
     """A map-style dataset indexed by the loop's [`BatchIndex`] items (``items[key.index]``), for recipes whose
-    items need nothing of the step.
+    items need nothing of the step; with ``with_key`` an item comes as ``(key, item)``, for a collate that draws
+    from the batch's step generator.
 
     Example:
 
@@ -155,14 +156,15 @@ class ItemsByBatchIndex(torch.utils.data.Dataset):
     ```
     """
 
-    def __init__(self, items):
-        self.items = items
+    def __init__(self, items, with_key: bool = False):
+        self.items, self.with_key = items, with_key
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, key: BatchIndex):
-        return self.items[key.index]
+        item = self.items[key.index]
+        return (key, item) if self.with_key else item
 
 
 @dataclass

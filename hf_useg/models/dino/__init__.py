@@ -33,7 +33,6 @@ __all__ = [
 METHODS = (
     MethodSpec(
         name="dino_kmeans",
-        model_type="dino_segmentation",
         display_name="DINO-feature k-means",
         paper="Caron et al., ICCV 2021, arXiv:2104.14294",
         description="Zero-training baseline: cosine k-means over the patch features of a frozen DINO backbone.",
@@ -43,7 +42,6 @@ METHODS = (
     ),
     MethodSpec(
         name="dino_pretrain",
-        model_type="dino_pretraining",
         display_name="DINO self-distillation pretraining",
         paper="Caron et al., ICCV 2021, arXiv:2104.14294",
         description="Self-distillation pretraining of a ViT backbone on unlabelled images (multi-crop, EMA teacher).",

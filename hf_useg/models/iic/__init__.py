@@ -34,7 +34,6 @@ __all__ = [
 METHODS = (
     MethodSpec(
         name="iic",
-        model_type="iic",
         display_name="IIC",
         paper="Ji et al., ICCV 2019, arXiv:1807.06653",
         description="Invariant information clustering.",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ...augmentation import (
@@ -37,7 +37,15 @@ from ...augmentation import (
 from ...data.processing import ProcessedSegmentationDataset, collate_segmentation_batch
 from ...evaluation import UnsupervisedSegmentationMetric, fit_and_score
 from ...inference import evaluation_loader
-from ...training.recipe import BatchIndex, Recipe, RecipeOptions, StepBatchSampler, TrainingStepOutput, step_generator
+from ...training.recipe import (
+    BatchIndex,
+    ItemsByBatchIndex,
+    Recipe,
+    RecipeOptions,
+    StepBatchSampler,
+    TrainingStepOutput,
+    step_generator,
+)
 from .configuration_iic import IMAGENET_MEAN, IMAGENET_STD, IicConfig
 from .modeling_iic import IicForUnsupervisedSegmentation
 
@@ -257,19 +265,6 @@ class IicTrainingOptions(RecipeOptions):
             raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p}")
 
 
-class _ItemsWithKeys(Dataset):
-    """``(key, processed item)`` for each [`BatchIndex`] ``key``: the collate needs the step of its batch."""
-
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, key: BatchIndex) -> tuple[BatchIndex, dict]:
-        return key, self.items[key.index]
-
-
 @dataclass
 class IicViewCollator:
     """Collate of IIC's training DataLoader (runs in its workers): stacks the processed items of one batch, builds
@@ -398,7 +393,7 @@ class IicRecipe(Recipe):
             accumulation=accumulation,
         )
         return DataLoader(
-            _ItemsWithKeys(self.items),
+            ItemsByBatchIndex(self.items, with_key=True),
             batch_sampler=batches,
             num_workers=self.args.num_workers,
             collate_fn=collate,

@@ -35,7 +35,6 @@ __all__ = [
 METHODS = (
     MethodSpec(
         name="picie",
-        model_type="picie",
         display_name="PiCIE",
         paper="Cho et al., CVPR 2021, arXiv:2103.17070",
         description="Clustering with photometric invariance and geometric equivariance.",

@@ -22,7 +22,6 @@ __all__ = [
 METHODS = (
     MethodSpec(
         name="stego",
-        model_type="stego",
         display_name="STEGO",
         paper="Hamilton et al., ICLR 2022, arXiv:2203.08414",
         description="A segmentation head trained on frozen self-supervised ViT features by distilling their feature "
