@@ -253,7 +253,9 @@ class PicieForUnsupervisedSegmentation(PiciePreTrainedModel):
         features = self.backbone_feature_maps(pixel_values)
         raw = self.fpn(features)
         code = F.normalize(raw, dim=1)
-        logits = torch.log_softmax(self.cluster_logits(code.detach()), dim=1) if self.is_fitted else None
+        # a training step (view 2 given) runs on the epoch's centroids: no fitted check, which would sync a GPU
+        fitted = pixel_values_view2 is not None or self.is_fitted
+        logits = torch.log_softmax(self.cluster_logits(code.detach()), dim=1) if fitted else None
         output = PicieSegmenterOutput(logits=logits, code=code, features=features[-1])
         if pixel_values_view2 is None:
             return output
