@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import yaml
@@ -93,11 +94,18 @@ def _train(argv: list[str]) -> int:
         model[key] = yaml.safe_load(value)  # recipe options among them are routed to the recipe
     args = load_training_arguments(config_path, model=model or None, **options)
     summary = train(args)
-    if PartialState().is_main_process:  # one summary, not one per process (their lines would interleave)
+    state = PartialState()
+    if state.is_main_process:  # one summary, not one per process (their lines would interleave)
         table = summary.pop("per_class_table", None)
         if table:
             print(table)
         print(json.dumps(summary), flush=True)
+    if state.num_processes > 1:
+        # everything is written: skip the destructors of the distributed objects, which can deadlock in gloo
+        # (see hf_useg.training.loop._end)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

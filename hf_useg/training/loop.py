@@ -288,7 +288,7 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     model.eval()
     summary.update(steps=state["step"], train_seconds=round(time.time() - start_time, 1), **finalized)
     if recipe.label_free:  # nothing to evaluate as a segmenter: `finalize` saved the result
-        accelerator.end_training()
+        _end(accelerator, prepared, optimizer)
         return summary
 
     results = None
@@ -327,10 +327,27 @@ def train(args: TrainingArguments) -> dict[str, Any]:
         save_model_folder(model, saved_processor, output_dir / "model", extra)
         if results is not None:
             write_evaluation_report(results, output_dir / "model", class_names)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    _end(accelerator, prepared, optimizer)
     summary["model_dir"] = str(output_dir / "model")
     return summary
+
+
+# The distributed objects of finished multi-process runs (see `_end`).
+_FINISHED_DISTRIBUTED_RUNS: list[tuple] = []
+
+
+def _end(accelerator, *prepared) -> None:
+    """End the trackers; in a multi-process run, keep the prepared (DDP) objects alive.
+
+    Freed when `train` returns, the DDP reducer's destructor joins gloo's worker threads while holding the GIL,
+    and a worker still freeing the last collective's tensors waits for that GIL: a deadlock seen at the end of
+    2-process CPU runs (the rank never exits; `torch.distributed.destroy_process_group` does not prevent it).
+    Kept here, they are never destroyed before the process ends; `training/train.py` ends multi-process runs
+    with `os._exit` once everything is written."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if accelerator.num_processes > 1:
+        _FINISHED_DISTRIBUTED_RUNS.append((accelerator, *prepared))
 
 
 def _progress(total: int, initial: int, name: str, enabled: bool):
