@@ -13,7 +13,7 @@ TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,crf,gradio]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,crf,gradio,detection,selective-search]"
 	touch $(STAMP)
 
 venv: $(STAMP)
