@@ -9,14 +9,16 @@
 
 from .arguments import TrainingArguments, load_training_arguments, resolve_recipe_options
 from .checkpointing import latest_checkpoint, save_checkpoint, save_model_folder
-from .data import RANDOM_BACKBONES, SCRATCH_BACKBONES, load_backbone, load_splits
-from .loop import build_model, train
+from .data import RANDOM_BACKBONES, SCRATCH_BACKBONES, build_model, load_backbone, load_splits
+from .loop import train
 from .recipe import (
     BatchIndex,
+    Evaluation,
     ItemsByBatchIndex,
     Recipe,
     RecipeOptions,
     StepBatchSampler,
+    TrainingData,
     TrainingRun,
     TrainingStepOutput,
     step_generator,
@@ -27,11 +29,13 @@ __all__ = [
     "RANDOM_BACKBONES",
     "SCRATCH_BACKBONES",
     "BatchIndex",
+    "Evaluation",
     "ItemsByBatchIndex",
     "Recipe",
     "RecipeOptions",
     "StepBatchSampler",
     "TrainingArguments",
+    "TrainingData",
     "TrainingRun",
     "TrainingStepOutput",
     "build_model",

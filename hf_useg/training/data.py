@@ -1,11 +1,20 @@
-"""The data and the backbone of a training run: dataset splits with their class names, and the backbone named by
-``--backbone`` (a Hub id or folder, a randomly initialised one from `RANDOM_BACKBONES`, or none)."""
+"""The data and the backbone of a training run: dataset splits with their class names, the backbone named by
+``--backbone`` (a Hub id or folder, a randomly initialised one from `RANDOM_BACKBONES`, or none), and a
+segmentation recipe's model built on it. These are the segmentation defaults of `Recipe.load_data`,
+`Recipe.create_model` and `Recipe.processors`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["RANDOM_BACKBONES", "SCRATCH_BACKBONES", "load_backbone", "load_splits"]
+__all__ = [
+    "RANDOM_BACKBONES",
+    "SCRATCH_BACKBONES",
+    "build_model",
+    "load_backbone",
+    "load_splits",
+    "protocol_processor",
+]
 
 # `backbone:` values meaning "no HF backbone": the method trains its own trunk from scratch (IIC's VGG net)
 SCRATCH_BACKBONES = ("none", "scratch")
@@ -95,3 +104,33 @@ def load_splits(args, label_free: bool = False):
     if class_names is None or len(class_names) < num_classes:
         class_names = [f"class_{i}" for i in range(num_classes)]
     return train, val, num_classes, list(class_names)[:num_classes]
+
+
+def build_model(args, recipe, num_classes: int):
+    """``(model, backbone description)``: ``recipe.build_model`` on ``args.backbone``, with the backbone's pretrained
+    weights loaded when it has them."""
+    import torch
+
+    backbone_config, backbone_weights, description = load_backbone(args.backbone)
+    torch.manual_seed(args.seed)
+    model = recipe.build_model(backbone_config, num_classes)
+    if backbone_config is None and getattr(model.config, "backbone_config", None) is not None:
+        raise ValueError(
+            f"backbone {args.backbone!r} means no HF backbone, but method {args.method!r} needs one; it is only for "
+            "methods with a trunk trained from scratch (iic)"
+        )
+    model.config.backbone_name = description
+    if backbone_weights is not None:
+        model.backbone.model.load_state_dict(backbone_weights)
+    return model, description
+
+
+def protocol_processor(resolution: int | None, patch_size: int):
+    """The evaluation-protocol processor (METHODS 0.2) at ``resolution`` (None: no processor)."""
+    from ..image_processing import protocol_image_processor
+
+    if resolution is None:
+        return None
+    if resolution % patch_size:
+        raise ValueError(f"resolution {resolution} is not a multiple of the backbone patch size {patch_size}")
+    return protocol_image_processor(resolution)

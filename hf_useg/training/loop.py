@@ -25,8 +25,6 @@ from typing import Any
 import torch
 
 from ..file_utils import atomic_file
-from ..image_processing import protocol_image_processor, whole_image_processor
-from ..inference import evaluate_segmenter, format_per_class_table, summarize, write_evaluation_report
 from .arguments import TrainingArguments, resolve_recipe_options
 from .checkpointing import (
     STATE_FILE,
@@ -36,38 +34,13 @@ from .checkpointing import (
     remove_interrupted_writes,
     run_identity,
     save_checkpoint,
-    save_model_folder,
 )
-from .data import load_backbone, load_splits
+from .data import build_model
 from .recipe import Recipe, StepBatchSampler, TrainingRun, step_seed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_model", "train"]
-
-
-def build_model(args: TrainingArguments, recipe: Recipe, num_classes: int):
-    """The recipe's model on ``args.backbone`` (pretrained backbone weights loaded when it has them)."""
-    backbone_config, backbone_weights, description = load_backbone(args.backbone)
-    torch.manual_seed(args.seed)
-    model = recipe.build_model(backbone_config, num_classes)
-    if backbone_config is None and getattr(model.config, "backbone_config", None) is not None:
-        raise ValueError(
-            f"backbone {args.backbone!r} means no HF backbone, but method {args.method!r} needs one; it is only for "
-            "methods with a trunk trained from scratch (iic)"
-        )
-    model.config.backbone_name = description
-    if backbone_weights is not None:
-        model.backbone.model.load_state_dict(backbone_weights)
-    return model, description
-
-
-def _processor(resolution: int | None, patch_size: int):
-    if resolution is None:
-        return None
-    if resolution % patch_size:
-        raise ValueError(f"resolution {resolution} is not a multiple of the backbone patch size {patch_size}")
-    return protocol_image_processor(resolution)
+__all__ = ["build_model", "train"]  # build_model: the segmentation default of `Recipe.create_model`
 
 
 class _Logger:
@@ -123,27 +96,17 @@ def _micro_batches(
             micro += 1
 
 
-def _validate(model, run: TrainingRun, args: TrainingArguments, state: dict[str, Any], step: int, log) -> None:
-    results = evaluate_segmenter(
-        model,
-        run.val_set,
-        run.eval_processor,
-        run.num_classes,
-        batch_size=args.eval_batch_size,
-        flip_tta=False,
-        crf=False,
-        max_images=args.max_val_images,
-        accelerator=run.accelerator,
-        progress=False,
-    )
+def _validate(model, recipe: Recipe, state: dict[str, Any], step: int, log) -> None:
+    evaluation = recipe.evaluate(model, final=False)
     model.train()
-    values = {f"val/{key}": value for key, value in summarize(results).items()}
+    values = {f"val/{key}": value for key, value in evaluation.values.items()}
     log(values, step)
-    if values["val/cluster_mean_iou"] > state["best_cluster_mean_iou"]:
-        state["best_cluster_mean_iou"], state["best_step"] = values["val/cluster_mean_iou"], step
+    if evaluation.score > state["best_score"]:
+        state["best_score"], state["best_step"] = evaluation.score, step
+        run = recipe.run
         if run.accelerator.is_main_process:
             extra = {"best_metrics.json": json.dumps({"step": step, **values}, indent=2)}
-            save_model_folder(model, run.eval_processor, run.output_dir / "best", extra)
+            recipe.save_model(model, run.output_dir / "best", extra)
         run.accelerator.wait_for_everyone()
 
 
@@ -161,7 +124,7 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
 
     # data, accelerator, model
-    train_set, val_set, num_classes, class_names = load_splits(args, recipe.label_free)
+    train_set, val_set, num_classes, class_names = recipe.load_data()
     if args.max_train_images is not None:
         train_set = train_set.select(range(min(args.max_train_images, len(train_set))))
     has_train_labels = "label" in train_set.column_names
@@ -176,8 +139,8 @@ def train(args: TrainingArguments) -> dict[str, Any]:
             DistributedDataParallelKwargs(find_unused_parameters=recipe.find_unused_parameters or not has_train_labels)
         ],
     )
-    model, backbone_description = build_model(args, recipe, num_classes)
-    patch = model.backbone.patch_size
+    model, backbone_description = recipe.create_model(num_classes)
+    train_processor, eval_processor = recipe.processors(model)
     run = TrainingRun(
         args=args,
         accelerator=accelerator,
@@ -185,8 +148,8 @@ def train(args: TrainingArguments) -> dict[str, Any]:
         val_set=val_set,
         num_classes=num_classes,
         class_names=class_names,
-        train_processor=_processor(options.resolution, patch),
-        eval_processor=_processor(options.eval_resolution, patch),
+        train_processor=train_processor,
+        eval_processor=eval_processor,
     )
     check_output_dir(output_dir, checkpoint is not None, args.overwrite_output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
@@ -212,16 +175,19 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     else:
         prepared = accelerator.prepare(model)
     model = accelerator.unwrap_model(prepared)
-    state: dict[str, Any] = {"step": 0, "best_cluster_mean_iou": -1.0, "best_step": None, "run": identity}
+    state: dict[str, Any] = {"step": 0, "best_score": -math.inf, "best_step": None, "run": identity}
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        state.update(json.loads((checkpoint / STATE_FILE).read_text()))
+        saved = json.loads((checkpoint / STATE_FILE).read_text())
+        if "best_cluster_mean_iou" in saved:  # checkpoints written before evaluations had a generic score
+            saved["best_score"] = saved.pop("best_cluster_mean_iou")
+        state.update(saved)
         log.truncate(state.get("metrics_lines", log.lines))
         accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
 
     # the loop
     accumulation = args.gradient_accumulation_steps
-    has_val = not recipe.label_free and val_set is not None and "label" in val_set.column_names
+    has_val = recipe.has_validation(val_set)
     max_steps = options.max_steps
     if optimizer is not None and max_steps != 0:
         sampler = StepBatchSampler(
@@ -269,7 +235,7 @@ def train(args: TrainingArguments) -> dict[str, Any]:
                 recipe.on_log(values, step)
                 progress.set_postfix(loss=f"{values['train/loss']:.4f}")
             if has_val and step % val_every == 0:
-                _validate(model, run, args, state, step, log)
+                _validate(model, recipe, state, step, log)
             if step % args.save_every == 0 or step == max_steps:
                 state["metrics_lines"] = log.lines
                 save_checkpoint(accelerator, output_dir, dict(state), args.keep_checkpoints)
@@ -291,42 +257,15 @@ def train(args: TrainingArguments) -> dict[str, Any]:
         _end(accelerator, prepared, optimizer)
         return summary
 
-    results = None
-    if has_val:
-        results = evaluate_segmenter(
-            model,
-            val_set,
-            run.eval_processor,
-            num_classes,
-            batch_size=args.eval_batch_size,
-            flip_tta=args.final_flip_tta,
-            crf=args.final_crf,
-            max_images=args.max_val_images,
-            accelerator=accelerator,
-            progress=run.show_progress,
-        )
-        model.set_cluster_names(results["cluster"]["assignment"], class_names)
-        summary.update(summarize(results))
-        summary["eval_protocol"] = {
-            "resolution": options.eval_resolution,
-            "crop": "center",
-            "flip_tta": args.final_flip_tta,
-            "crf": args.final_crf,
-            "matching": "hungarian",
-            "precision": str(accelerator.mixed_precision),
-            "split": args.val_split if args.dataset != "synthetic" else "generated val",
-        }
-        summary["per_class_table"] = format_per_class_table(results, class_names)
+    evaluation = recipe.evaluate(model, final=True) if has_val else None
+    if evaluation is not None:
+        summary.update(evaluation.values)
+        summary.update(evaluation.summary)
         summary.update(recipe.extra_evaluation(model))
     if accelerator.is_main_process:
-        from ..hub import generate_model_card
-
-        card = generate_model_card(model, summary=summary, results=results, class_names=class_names)
-        extra = {"training_summary.json": json.dumps(summary, indent=2), "README.md": str(card)}
-        saved_processor = whole_image_processor(options.eval_resolution, patch)
-        save_model_folder(model, saved_processor, output_dir / "model", extra)
-        if results is not None:
-            write_evaluation_report(results, output_dir / "model", class_names)
+        card = recipe.model_card(model, summary, evaluation)
+        extra = {"training_summary.json": json.dumps(summary, indent=2), "README.md": card}
+        recipe.save_model(model, output_dir / "model", extra, evaluation)
     _end(accelerator, prepared, optimizer)
     summary["model_dir"] = str(output_dir / "model")
     return summary

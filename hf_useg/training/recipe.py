@@ -9,6 +9,9 @@ its method. A recipe:
   (`train_dataloader`, a real `torch.utils.data.DataLoader` over the loop's deterministic `StepBatchSampler`, so
   ``num_workers`` is honoured);
 * computes the loss of one batch (`training_step`);
+* may replace the segmentation defaults of the run's data (`load_data`), model (`create_model`, `processors`),
+  evaluation (`has_validation`, `evaluate`: periodic and final) and saved folders (`save_model`, `model_card`) —
+  a detection recipe does;
 * may hook in where its method needs to: `setup` (once, before the optimizer), `on_epoch_start` (e.g. PiCIE's
   re-clustering), `before_optimizer_step` / `after_optimizer_step` (e.g. DINO's gradient clipping and EMA
   teacher), `on_log`, `finalize` (after the last step: fit a k-means baseline, re-cluster, export a backbone) and
@@ -56,10 +59,12 @@ from ..configuration_utils import preset_values
 
 __all__ = [
     "BatchIndex",
+    "Evaluation",
     "ItemsByBatchIndex",
     "Recipe",
     "RecipeOptions",
     "StepBatchSampler",
+    "TrainingData",
     "TrainingRun",
     "TrainingStepOutput",
     "step_generator",
@@ -165,6 +170,33 @@ class ItemsByBatchIndex(torch.utils.data.Dataset):
     def __getitem__(self, key: BatchIndex):
         item = self.items[key.index]
         return (key, item) if self.with_key else item
+
+
+class TrainingData(NamedTuple):
+    """The data of a run (`Recipe.load_data`): the splits, and the classes of the labelled task (0 and ``[]`` for
+    label-free methods on unnamed data)."""
+
+    train_set: Any
+    val_set: Any
+    num_classes: int
+    class_names: list[str]
+
+
+@dataclass
+class Evaluation:
+    """What `Recipe.evaluate` returns.
+
+    Attributes:
+        values: the headline numbers (logged as ``val/<name>``, added to the run summary).
+        score: higher is better; the best periodic evaluation's model is kept in ``best/``.
+        results: the raw results (for reports and the model card).
+        summary: what else a final evaluation adds to the run summary (its protocol, image count, tables).
+    """
+
+    values: dict[str, float]
+    score: float
+    results: Any = None
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -306,6 +338,93 @@ class Recipe(abc.ABC):
     def training_step(self, model, batch) -> TrainingStepOutput:
         """Loss (and logs) of one batch, the batch already on the model's device. Runs with torch's global RNG
         seeded for the step."""
+
+    # -- the run's data, model, evaluation and saved folders (segmentation defaults) --------------------------------
+
+    def load_data(self) -> TrainingData:
+        """The run's splits and classes. Default: a segmentation dataset (`load_splits`)."""
+        from .data import load_splits
+
+        return TrainingData(*load_splits(self.args, self.label_free))
+
+    def create_model(self, num_classes: int) -> tuple[Any, str]:
+        """``(model, backbone description)``. Default: `build_model` on ``--backbone`` (pretrained weights loaded)."""
+        from .data import build_model
+
+        return build_model(self.args, self, num_classes)
+
+    def processors(self, model) -> tuple[Any, Any]:
+        """``(train_processor, eval_processor)`` handed to the recipe through `TrainingRun`. Default: the protocol
+        processors at ``resolution`` / ``eval_resolution``."""
+        from .data import protocol_processor
+
+        patch = model.backbone.patch_size
+        return (
+            protocol_processor(self.options.resolution, patch),
+            protocol_processor(self.options.eval_resolution, patch),
+        )
+
+    def has_validation(self, val_set) -> bool:
+        """Whether the run can be evaluated on ``val_set``. Default: a labelled segmentation split."""
+        return not self.label_free and val_set is not None and "label" in val_set.column_names
+
+    def evaluate(self, model, final: bool) -> Evaluation:
+        """Evaluate ``model`` on the validation split: periodically during training (``final=False``: at most
+        ``max_val_images`` images, no test-time augmentation) and once at the end (``final=True``: every image,
+        with ``final_flip_tta`` / ``final_crf``). Default: the cluster and linear probes with Hungarian matching;
+        the final evaluation also names the clusters after their matched classes."""
+        from ..inference import evaluate_segmenter, format_per_class_table, summarize
+
+        run, args = self.run, self.args
+        results = evaluate_segmenter(
+            model,
+            run.val_set,
+            run.eval_processor,
+            run.num_classes,
+            batch_size=args.eval_batch_size,
+            flip_tta=final and args.final_flip_tta,
+            crf=final and args.final_crf,
+            max_images=None if final else args.max_val_images,
+            accelerator=run.accelerator,
+            progress=final and run.show_progress,
+        )
+        values = summarize(results)
+        evaluation = Evaluation(values=values, score=values["cluster_mean_iou"], results=results)
+        if final:
+            model.set_cluster_names(results["cluster"]["assignment"], run.class_names)
+            evaluation.summary = {
+                "eval_protocol": {
+                    "resolution": self.options.eval_resolution,
+                    "crop": "center",
+                    "flip_tta": args.final_flip_tta,
+                    "crf": args.final_crf,
+                    "matching": "hungarian",
+                    "precision": str(run.accelerator.mixed_precision),
+                    "split": args.val_split if args.dataset != "synthetic" else "generated val",
+                    "images": len(run.val_set),
+                },
+                "per_class_table": format_per_class_table(results, run.class_names),
+            }
+        return evaluation
+
+    def model_card(self, model, summary: dict[str, Any], evaluation: Evaluation | None) -> str:
+        """The generated model card of the final model folder."""
+        from ..hub import generate_model_card
+
+        results = evaluation.results if evaluation is not None else None
+        return str(generate_model_card(model, summary=summary, results=results, class_names=self.run.class_names))
+
+    def save_model(self, model, path: Path, extra_files: dict[str, str], evaluation: Evaluation | None = None) -> None:
+        """Write a model folder (``best/`` and the final ``model/``; main process only), atomically. Default: the
+        model, its whole-image processor, ``extra_files`` and, after a final evaluation, its report files."""
+        from ..image_processing import whole_image_processor
+        from ..inference import write_evaluation_report
+        from .checkpointing import save_model_folder
+
+        processor = whole_image_processor(self.options.eval_resolution, model.backbone.patch_size)
+        save_model_folder(model, processor, path, extra_files)
+        if evaluation is not None and evaluation.results is not None:
+            write_evaluation_report(evaluation.results, path, self.run.class_names)
 
     # -- optional -------------------------------------------------------------------------------------------------
 

@@ -431,7 +431,6 @@ class IicRecipe(Recipe):
             fit_dataset=fit_dataset,
             batch_size=self.args.eval_batch_size,
             flip_tta=self.args.final_flip_tta,
-            max_images=self.args.max_val_images,
             accelerator=run.accelerator,
             progress=run.show_progress,
         )
