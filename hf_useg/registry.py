@@ -46,7 +46,8 @@ class MethodSpec:
         description: one sentence for model cards.
         config_class, model_class, recipe_class: ``"module.path:ClassName"``, imported on first use.
         pipeline_task: the ``transformers`` pipeline its models serve (None: not a pipeline model, e.g. backbone
-            pretraining).
+            pretraining). ``"object-detection"`` methods train a ``transformers`` detector (their config and model
+            classes are transformers' own, which the Auto classes already know).
     """
 
     name: str
@@ -119,6 +120,8 @@ def register_auto_classes(spec: MethodSpec) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 
     config_class, model_class = spec.load_config_class(), spec.load_model_class()
+    if config_class.__module__.startswith("transformers."):
+        return  # a transformers model trained by a recipe here (a fine-tuned detector): transformers maps it itself
     AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     AutoModel.register(config_class, model_class, exist_ok=True)
     if spec.pipeline_task != "image-segmentation":
