@@ -18,8 +18,9 @@ This is the one place for metrics in `hf_useg` (METHODS.md, section 0.3). The pr
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "EVALUATE_MODULE_PATH",
     "MATCHING_METHODS",
     "UnsupervisedSegmentationMetric",
+    "coco_detection_ap",
     "confusion_matrix",
     "fit_and_score",
     "hungarian_assignment",
@@ -36,6 +38,7 @@ __all__ = [
     "majority_assignment",
     "match_clusters",
     "scores_from_confusion",
+    "voc07_detection_ap",
 ]
 
 MATCHING_METHODS = ("hungarian", "majority", "none")
@@ -518,3 +521,331 @@ class UnsupervisedSegmentationMetric:
             f"matching={self.matching!r}, device={str(self.device)!r}, "
             f"num_pixels={int(self._counts[:-1].sum())})"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Detection
+#
+# Two box-AP evaluators for detectors (CutMix-DETReg, METHODS.md section 5), both taking the same per-image lists:
+#
+# * `coco_detection_ap`: the standard COCO bbox evaluation (pycocotools, called directly), AP / AP50 / AP75 with
+#   101-point interpolation, maxDets 100, all areas;
+# * `voc07_detection_ap`: DETReg's evaluator, the classic VOC devkit rules (py-faster-rcnn's / detectron2's
+#   `voc_eval`) with the VOC07 11-point AP, averaged over IoU thresholds 0.50:0.95.
+#
+# They answer different questions and are not interchangeable: DETReg's 63.5 / 83.3 / 70.3 on VOC is the second.
+# ---------------------------------------------------------------------------------------------------------------------
+
+_DETECTION_EXTRA_HINT = "pip install 'hf-useg[detection]'"
+# IoU thresholds 0.50, 0.55, ..., 0.95 computed as detectron2's VOC evaluator does (`thresh / 100.0`).
+_VOC_IOU_THRESHOLDS = np.arange(50, 100, 5) / 100.0
+# The devkit's 11 recall points, exactly `np.arange(0.0, 1.1, 0.1)` as in `voc_eval.py`: 0.3, 0.6 and 0.7 come out
+# one ulp above the decimal value, so a recall of exactly 3/10 (in floating point) does not reach the 0.3 point.
+_VOC07_RECALL_POINTS = np.arange(0.0, 1.1, 0.1)
+
+
+class _ImageDetections(NamedTuple):
+    """One image's normalised predictions and references: float64 boxes xyxy, int64 labels, bool difficult."""
+
+    pred_boxes: np.ndarray
+    pred_scores: np.ndarray
+    pred_labels: np.ndarray
+    gt_boxes: np.ndarray
+    gt_labels: np.ndarray
+    gt_difficult: np.ndarray
+
+
+def _detection_array(value: Any, where: str) -> np.ndarray:
+    """Tensor / array / (nested) list -> numpy array, without checking its shape."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu()
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            tensor = tensor.float()
+        return tensor.numpy()
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as error:  # ragged nested lists
+        raise ValueError(f"{where} is not an array-like of numbers ({error})") from None
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{where} must hold numbers, got dtype {array.dtype}")
+    return array
+
+
+def _detection_boxes(value: Any, where: str) -> np.ndarray:
+    array = _detection_array(value, where)
+    if array.size == 0:
+        array = array.reshape(0, 4)
+    if array.ndim != 2 or array.shape[1] != 4:
+        raise ValueError(f"{where} must have shape [n, 4] (x1, y1, x2, y2), got {tuple(array.shape)}")
+    array = array.astype(np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{where} holds non-finite values (nan or inf)")
+    bad = np.nonzero((array[:, 2] < array[:, 0]) | (array[:, 3] < array[:, 1]))[0]
+    if bad.size:
+        raise ValueError(
+            f"{where}[{bad[0]}] = {array[bad[0]].tolist()} is not xyxy with x2 >= x1 and y2 >= y1 "
+            "(COCO's [x, y, w, h] boxes must be converted first)"
+        )
+    return array
+
+
+def _detection_vector(
+    value: Any, where: str, length: int, kind: Literal["scores", "labels", "difficult"]
+) -> np.ndarray:
+    array = _detection_array(value, where)
+    if array.size == 0:
+        array = array.reshape(0)
+    if array.ndim != 1 or array.shape[0] != length:
+        raise ValueError(f"{where} must have shape [{length}] (one value per box), got {tuple(array.shape)}")
+    if kind == "scores":
+        array = array.astype(np.float64)
+        if not np.isfinite(array).all():
+            raise ValueError(f"{where} holds non-finite values (nan or inf)")
+        return array
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all() or (array != np.round(array)).any():
+            raise ValueError(f"{where} must hold integers, got non-integer values {array[array != np.round(array)]}")
+    if kind == "labels":
+        return array.astype(np.int64)
+    if ((array != 0) & (array != 1)).any():
+        raise ValueError(f"{where} must hold booleans (or 0 / 1), got {np.unique(array).tolist()}")
+    return array.astype(bool)
+
+
+def _detection_record(record: Any, where: str, required: tuple[str, ...]) -> None:
+    if not isinstance(record, Mapping):
+        raise ValueError(f"{where} must be a dict with keys {required}, got {type(record).__name__}")
+    missing = [key for key in required if key not in record]
+    if missing:
+        raise ValueError(f"{where} lacks the key(s) {missing} (has {sorted(map(str, record))})")
+
+
+def _detection_inputs(
+    predictions: Sequence[Mapping[str, Any]], references: Sequence[Mapping[str, Any]]
+) -> list[_ImageDetections]:
+    """Validate and normalise the per-image predictions and references shared by both detection evaluators."""
+    for name, value in (("predictions", predictions), ("references", references)):
+        if isinstance(value, Mapping) or not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+            raise ValueError(f"{name} must be a list with one dict per image, got {type(value).__name__}")
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"predictions and references must have one entry per image each, got {len(predictions)} predictions "
+            f"and {len(references)} references"
+        )
+    images = []
+    for index, (prediction, reference) in enumerate(zip(predictions, references)):
+        pred, ref = f"predictions[{index}]", f"references[{index}]"
+        _detection_record(prediction, pred, ("boxes", "scores", "labels"))
+        _detection_record(reference, ref, ("boxes", "labels"))
+        pred_boxes = _detection_boxes(prediction["boxes"], f'{pred}["boxes"]')
+        n_pred = len(pred_boxes)
+        gt_boxes = _detection_boxes(reference["boxes"], f'{ref}["boxes"]')
+        n_gt = len(gt_boxes)
+        difficult = reference.get("difficult")
+        images.append(
+            _ImageDetections(
+                pred_boxes,
+                _detection_vector(prediction["scores"], f'{pred}["scores"]', n_pred, "scores"),
+                _detection_vector(prediction["labels"], f'{pred}["labels"]', n_pred, "labels"),
+                gt_boxes,
+                _detection_vector(reference["labels"], f'{ref}["labels"]', n_gt, "labels"),
+                np.zeros(n_gt, dtype=bool)
+                if difficult is None
+                else _detection_vector(difficult, f'{ref}["difficult"]', n_gt, "difficult"),
+            )
+        )
+    return images
+
+
+def coco_detection_ap(
+    predictions: Sequence[Mapping[str, Any]], references: Sequence[Mapping[str, Any]]
+) -> dict[str, float]:
+    """COCO box AP, AP50 and AP75 (pycocotools' standard bbox evaluation: maxDets 100, all areas), as fractions.
+
+    Args:
+        predictions: one dict per image, `{"boxes": [n, 4] xyxy in pixels, "scores": [n], "labels": [n]}`
+            (tensors, numpy arrays or lists; an image may have no predictions).
+        references: one dict per image, `{"boxes": [m, 4] xyxy in pixels, "labels": [m]}`. An optional
+            `"difficult"` flag is validated but not used: COCO has no such notion, every box is an ordinary
+            ground truth (`iscrowd` 0).
+
+    Boxes become COCO's `[x, y, w, h]` with `area = w * h`; the categories are the union of all labels. As in
+    pycocotools, a category with no ground truth does not enter the mean (its predictions are ignored), and an
+    image's predictions beyond the 100 best-scored are dropped; a zero-area box (x2 == x1 or y2 == y1) has IoU 0
+    with everything (pycocotools' rule; `voc07_detection_ap` counts it one pixel wide). When there is no ground
+    truth at all every value is `nan` (pycocotools' -1, undefined); when there are ground truths but no
+    predictions every value is 0. Values are pycocotools' own: its precision is `tp / (tp + fp + eps)`, so a
+    perfect score reads 1 - 2e-16.
+
+    Example:
+        >>> gt = [{"boxes": [[10, 10, 50, 50]], "labels": [1]}]
+        >>> ap = coco_detection_ap([{"boxes": [[10, 10, 50, 50]], "scores": [0.9], "labels": [1]}], gt)
+        >>> {key: round(value, 6) for key, value in ap.items()}  # pycocotools' precision is tp / (tp + fp + eps)
+        {'ap': 1.0, 'ap50': 1.0, 'ap75': 1.0}
+        >>> coco_detection_ap([{"boxes": [], "scores": [], "labels": []}], gt)
+        {'ap': 0.0, 'ap50': 0.0, 'ap75': 0.0}
+    """
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError as error:
+        raise ImportError(
+            f"coco_detection_ap needs pycocotools, which is not installed: {_DETECTION_EXTRA_HINT}"
+        ) from error
+    import contextlib
+    import io
+
+    images = _detection_inputs(predictions, references)
+    if not any(len(image.gt_labels) for image in images):
+        return {"ap": float("nan"), "ap50": float("nan"), "ap75": float("nan")}
+
+    def xywh(boxes: np.ndarray) -> np.ndarray:
+        return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+
+    # Annotation ids start at 1: COCOeval stores the matched id, and 0 reads as "unmatched".
+    gt_annotations, dt_annotations = [], []
+    for image_id, image in enumerate(images, start=1):
+        for boxes, labels, scores, out in (
+            (image.gt_boxes, image.gt_labels, None, gt_annotations),
+            (image.pred_boxes, image.pred_labels, image.pred_scores, dt_annotations),
+        ):
+            for k, (box, label) in enumerate(zip(xywh(boxes).tolist(), labels.tolist())):
+                annotation = {
+                    "id": len(out) + 1,
+                    "image_id": image_id,
+                    "category_id": label,
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+                if scores is not None:
+                    annotation["score"] = float(scores[k])
+                out.append(annotation)
+    labels = sorted(set(np.concatenate([im.gt_labels for im in images] + [im.pred_labels for im in images]).tolist()))
+    base = {
+        "images": [{"id": image_id} for image_id in range(1, len(images) + 1)],
+        "categories": [{"id": label, "name": str(label)} for label in labels],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt, coco_dt = COCO(), COCO()
+        coco_gt.dataset = {**base, "annotations": gt_annotations}
+        coco_dt.dataset = {**base, "annotations": dt_annotations}
+        coco_gt.createIndex()
+        coco_dt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = [float(value) if value > -1 else float("nan") for value in evaluator.stats[:3]]
+    return dict(zip(("ap", "ap50", "ap75"), stats))
+
+
+def _voc_iou(boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
+    """[n, m] IoU with the VOC devkit's +1-pixel convention (widths `x2 - x1 + 1`, intersections too)."""
+    ix = np.minimum(boxes[:, None, 2], gt_boxes[None, :, 2]) - np.maximum(boxes[:, None, 0], gt_boxes[None, :, 0])
+    iy = np.minimum(boxes[:, None, 3], gt_boxes[None, :, 3]) - np.maximum(boxes[:, None, 1], gt_boxes[None, :, 1])
+    intersection = np.maximum(ix + 1.0, 0.0) * np.maximum(iy + 1.0, 0.0)
+    area = (boxes[:, 2] - boxes[:, 0] + 1.0) * (boxes[:, 3] - boxes[:, 1] + 1.0)
+    gt_area = (gt_boxes[:, 2] - gt_boxes[:, 0] + 1.0) * (gt_boxes[:, 3] - gt_boxes[:, 1] + 1.0)
+    return intersection / (area[:, None] + gt_area[None, :] - intersection)
+
+
+def _voc07_11_point_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """Mean over the 11 recall points of the best precision at recall >= point (0 where none)."""
+    reached = recall[None, :] >= _VOC07_RECALL_POINTS[:, None]
+    best = np.where(reached, precision[None, :], 0.0).max(axis=1, initial=0.0)
+    return float(best.sum() / 11.0)
+
+
+def voc07_detection_ap(
+    predictions: Sequence[Mapping[str, Any]], references: Sequence[Mapping[str, Any]]
+) -> dict[str, float]:
+    """DETReg's detection AP: VOC07 11-point AP averaged over IoU 0.50:0.95, with AP50 / AP75, as fractions.
+
+    The classic VOC devkit rules (`voc_eval.py` of py-faster-rcnn / detectron2), per class and IoU threshold:
+    the class's detections of all images are sorted by score (descending; ties keep image order, then detection
+    order); each takes the ground truth of its image and class with the highest IoU (+1-pixel convention,
+    `(x2 - x1 + 1) * (y2 - y1 + 1)`, intersection likewise; boxes are used as given, no 1-based shift). It is a
+    true positive when that IoU is strictly greater than the threshold and the ground truth is neither difficult
+    nor already taken; matched (IoU above the threshold) to a difficult ground truth it counts neither way;
+    otherwise, duplicates included, it is a false positive. Recall is over the non-difficult ground truths; the AP
+    is the VOC07 11-point interpolation (mean over recall points `np.arange(0.0, 1.1, 0.1)`, exactly as in the
+    devkit, of the best precision at recall >= the point, 0 where none). Classes are averaged, then thresholds
+    0.50, 0.55, ..., 0.95 give `ap`; `ap50` and `ap75` are the class means at 0.50 and 0.75.
+
+    Classes without any non-difficult ground truth (the devkit's recall is undefined for them) are skipped, so
+    predictions of labels absent from the references do not count. When no class has a non-difficult ground
+    truth every value is `nan`; when there are ground truths but no predictions every value is 0. Unlike COCO
+    there is no cap on detections per image.
+
+    Args:
+        predictions: one dict per image, `{"boxes": [n, 4] xyxy in pixels, "scores": [n], "labels": [n]}`
+            (tensors, numpy arrays or lists; an image may have no predictions).
+        references: one dict per image, `{"boxes": [m, 4], "labels": [m]}` and optionally `"difficult": [m]`
+            (booleans, default all False).
+
+    Example:
+        >>> gt = [{"boxes": [[0, 0, 9, 9], [20, 20, 29, 29]], "labels": [0, 0], "difficult": [False, True]}]
+        >>> voc07_detection_ap([{"boxes": [[0, 0, 9, 9]], "scores": [0.9], "labels": [0]}], gt)
+        {'ap': 1.0, 'ap50': 1.0, 'ap75': 1.0}
+        >>> # [0, 0, 9, 9] vs [0, 0, 9, 4]: IoU 50 / 100 = 0.5 with +1 pixels, not above 0.5 -> false positive
+        >>> voc07_detection_ap([{"boxes": [[0, 0, 9, 4]], "scores": [0.9], "labels": [0]}], gt)
+        {'ap': 0.0, 'ap50': 0.0, 'ap75': 0.0}
+    """
+    images = _detection_inputs(predictions, references)
+
+    gt_labels = np.concatenate([np.zeros(0, np.int64)] + [image.gt_labels for image in images])
+    difficult = np.concatenate([np.zeros(0, bool)] + [image.gt_difficult for image in images])
+    classes = np.unique(gt_labels[~difficult])
+    if classes.size == 0:
+        return {"ap": float("nan"), "ap50": float("nan"), "ap75": float("nan")}
+
+    # Per detection (all images concatenated): its best IoU over the image's gts of its class and the global index
+    # of that gt (-inf and -1 when the image has no gt of the class).
+    gt_offsets = np.cumsum([0] + [len(image.gt_labels) for image in images])
+    best_iou, best_gt = [], []
+    for image, offset in zip(images, gt_offsets[:-1]):
+        if len(image.gt_labels) == 0:
+            best_iou.append(np.full(len(image.pred_labels), -np.inf))
+            best_gt.append(np.full(len(image.pred_labels), -1))
+            continue
+        same_class = image.pred_labels[:, None] == image.gt_labels[None, :]
+        overlaps = np.where(same_class, _voc_iou(image.pred_boxes, image.gt_boxes), -np.inf)
+        jmax = overlaps.argmax(axis=1)  # the first of equal maxima, as the devkit's np.argmax
+        ovmax = np.take_along_axis(overlaps, jmax[:, None], axis=1)[:, 0]
+        best_iou.append(ovmax)
+        best_gt.append(np.where(np.isfinite(ovmax), jmax + offset, -1))
+    best_iou = np.concatenate(best_iou)
+    best_gt = np.concatenate(best_gt).astype(np.int64)
+    scores = np.concatenate([image.pred_scores for image in images])
+    pred_labels = np.concatenate([image.pred_labels for image in images])
+    # A sentinel slot at the end so that best_gt == -1 reads "not difficult".
+    difficult_of_best = np.append(difficult, False)[best_gt]
+
+    per_class = np.zeros((len(classes), len(_VOC_IOU_THRESHOLDS)))
+    for c, label in enumerate(classes):
+        num_positives = int(np.count_nonzero((gt_labels == label) & ~difficult))
+        order = np.nonzero(pred_labels == label)[0]
+        order = order[np.argsort(-scores[order], kind="stable")]
+        if order.size == 0:
+            continue
+        ious, gts, gt_difficult = best_iou[order], best_gt[order], difficult_of_best[order]
+        for t, threshold in enumerate(_VOC_IOU_THRESHOLDS):
+            above = ious > threshold
+            candidates = np.nonzero(above & ~gt_difficult)[0]
+            # The first candidate (in score order) of each gt takes it; the later ones are duplicates.
+            _, first = np.unique(gts[candidates], return_index=True)
+            tp = np.zeros(order.size)
+            tp[candidates[first]] = 1.0
+            fp = (~above).astype(np.float64)
+            fp[candidates] = 1.0 - tp[candidates]
+            tp, fp = np.cumsum(tp), np.cumsum(fp)
+            recall = tp / num_positives
+            precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+            per_class[c, t] = _voc07_11_point_ap(recall, precision)
+    per_threshold = per_class.mean(axis=0)
+    return {
+        "ap": float(per_threshold.mean()),
+        "ap50": float(per_threshold[np.isclose(_VOC_IOU_THRESHOLDS, 0.5)][0]),
+        "ap75": float(per_threshold[np.isclose(_VOC_IOU_THRESHOLDS, 0.75)][0]),
+    }
