@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["color_palette", "colorize", "draw_attention_heads", "overlay", "side_by_side"]
+__all__ = [
+    "color_palette",
+    "colorize",
+    "draw_attention_heads",
+    "draw_boxes",
+    "draw_composite",
+    "overlay",
+    "side_by_side",
+]
 
 
 def color_palette(num_colors: int, seed: int = 0) -> np.ndarray:
@@ -158,3 +166,94 @@ def draw_attention_heads(
         if is_mask and contour:
             canvas[_mask_boundary(head)] = colour
     return Image.fromarray(np.clip(np.round(canvas), 0, 255).astype(np.uint8))
+
+
+def draw_boxes(image, boxes, ax=None, labels=None, *, linewidth: float = 2.0, title: str | None = None):
+    """Draw an image and its xyxy pixel boxes (one colour each, optional labels) on a matplotlib Axes.
+
+    Args:
+        image: RGB image, PIL or uint8 ``[H, W, 3]`` (or a grey ``[H, W]`` array).
+        boxes: ``[n, 4]`` (x1, y1, x2, y2) in pixels, x2/y2 exclusive (`hf_useg.models.detreg.box_sources`);
+            numpy array, torch tensor or nested lists.
+        ax: the Axes to draw on; ``None`` makes a new `matplotlib.figure.Figure` (no pyplot, so it works with any
+            backend, Agg included): save it with ``ax.figure.savefig(path)``.
+        labels: one text per box, written at the box's top-left corner.
+        linewidth: box outline width in points.
+        title: Axes title.
+
+    Returns the Axes. Needs matplotlib (``pip install 'hf-useg[detection]'``).
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> ax = draw_boxes(np.zeros((40, 60, 3), np.uint8), [[5, 5, 30, 20]], labels=["a box"])
+    >>> len(ax.patches)
+    1
+    ```
+    """
+    from matplotlib.patches import Rectangle
+
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    image = np.asarray(image)
+    if hasattr(boxes, "detach"):  # torch tensor
+        boxes = boxes.detach().cpu().numpy()
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if labels is not None and len(labels) != len(boxes):
+        raise ValueError(f"{len(labels)} labels for {len(boxes)} boxes")
+    if ax is None:
+        from matplotlib.figure import Figure
+
+        height, width = image.shape[:2]
+        figure = Figure(figsize=(6.0, 6.0 * height / max(width, 1)), layout="constrained")
+        ax = figure.add_subplot()
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+    colours = color_palette(len(boxes)) / 255.0
+    for index, (x1, y1, x2, y2) in enumerate(boxes):
+        # pixel centres are at integer coordinates in imshow, pixel edges at half-integers
+        ax.add_patch(
+            Rectangle(
+                (x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor=colours[index], linewidth=linewidth
+            )
+        )
+        if labels is not None:
+            ax.text(
+                x1 - 0.5,
+                y1 - 0.5,
+                str(labels[index]),
+                color="black",
+                fontsize=9,
+                va="top",
+                ha="left",
+                bbox={"facecolor": colours[index], "edgecolor": "none", "pad": 1.5, "alpha": 0.85},
+                clip_on=True,
+            )
+    ax.set_axis_off()
+    if title is not None:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def draw_composite(composite, ax=None, *, title: str | None = None):
+    """Draw a `hf_useg.models.detreg.box_sources.CutMixComposite`: the composite image and its pseudo-boxes, each
+    labelled ``"<box index>: <visible share>"`` (the default title says so). Returns the Axes (see `draw_boxes`).
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from hf_useg.models.detreg.box_sources import CutMixComposer
+    >>> composite = CutMixComposer()(np.zeros((64, 64, 3), np.uint8), [np.full((32, 32, 3), 255, np.uint8)],
+    ...                              np.random.default_rng(0))
+    >>> len(draw_composite(composite).patches) == len(composite.boxes)
+    True
+    ```
+    """
+    labels = [f"{index}: {visible:.0%}" for index, visible in enumerate(composite.visible_fraction)]
+    if title is None:
+        title = (
+            f"CutMix composite: {composite.num_pasted} pasted, {len(composite.boxes)} boxes kept "
+            "(label: box, visible share)"
+        )
+    return draw_boxes(composite.image, composite.boxes, ax=ax, labels=labels, title=title)

@@ -24,6 +24,13 @@ from .converters import (
     load_label_maps,
 )
 from .crops import CROP_NAMES, expand_five_crops, five_crop, five_crop_boxes
+from .detection import (
+    CSV_COLUMNS,
+    VOC_CLASSES,
+    detection_class_names,
+    detection_references,
+    load_detection_dataset,
+)
 from .knn import compute_global_descriptors, global_descriptors, nearest_neighbors
 from .labels import check_label_sizes, label_to_tensor
 from .metadata import segmentation_metadata
@@ -33,21 +40,26 @@ from .synthetic import make_synthetic_scenes, save_synthetic_scenes, synthetic_c
 
 __all__ = [
     "CROP_NAMES",
+    "CSV_COLUMNS",
     "IMAGE_COLUMN_ALIASES",
     "ISPRS_COLORS",
     "LABEL_COLUMN_ALIASES",
     "ProcessedSegmentationDataset",
+    "VOC_CLASSES",
     "check_label_sizes",
     "collate_segmentation_batch",
     "compute_global_descriptors",
     "convert_cityscapes27",
     "convert_cocostuff27",
     "convert_potsdam3",
+    "detection_class_names",
+    "detection_references",
     "expand_five_crops",
     "five_crop",
     "five_crop_boxes",
     "global_descriptors",
     "label_to_tensor",
+    "load_detection_dataset",
     "load_label_maps",
     "load_segmentation_dataset",
     "make_synthetic_scenes",
