@@ -34,6 +34,8 @@ __version__ = "0.1.0"
 # public name -> the module that defines it (imported on first access)
 _LAZY_NAMES = {
     "ClusterProbe": ".clustering",
+    "CutMixDetregConfig": ".models.detreg",
+    "CutMixDetregForPretraining": ".models.detreg",
     "DinoForSelfSupervisedPretraining": ".models.dino",
     "DinoForUnsupervisedSegmentation": ".models.dino",
     "DinoPretrainingConfig": ".models.dino",
