@@ -25,7 +25,13 @@ from huggingface_hub.repocard import RepoCard
 
 from ..registry import method_for_model_type
 
-__all__ = ["card_eval_results", "generate_model_card", "model_card_from_folder", "validate_model_card"]
+__all__ = [
+    "card_eval_results",
+    "generate_detection_model_card",
+    "generate_model_card",
+    "model_card_from_folder",
+    "validate_model_card",
+]
 
 LIBRARY_NAME = "hf_useg"
 LIBRARY_URL = "https://github.com/hf-useg/hf_useg"
@@ -252,6 +258,88 @@ def generate_model_card(
         model_class=class_name,
         library_url=LIBRARY_URL,
     )
+
+
+# detection evaluators (keys of `hf_useg.detection_inference.evaluate_detector`'s result) -> card title
+DETECTION_EVALUATORS = {"coco": "COCO AP", "voc07": "VOC07 AP (DETReg)"}
+
+
+def generate_detection_model_card(
+    summary: Mapping[str, Any],
+    *,
+    class_names: Sequence[str],
+    repo_id: str | None = None,
+    dataset_id: str | None = None,
+    model_name: str | None = None,
+    license: str = "apache-2.0",
+) -> str:
+    """The model card of a fine-tuned detector (``pipeline_tag: object-detection``): how it was initialised (the
+    pretraining and its box source, or none), its data, and the COCO and VOC07 AP of its final evaluation
+    (``summary`` as `hf_useg.training.train` writes it for ``detection_finetune``: ``coco_ap``, ``voc07_ap50``, ...
+    as fractions, ``eval_protocol``).
+
+    Example:
+
+    ```python
+    >>> summary = {"coco_ap": 0.31, "coco_ap50": 0.6, "coco_ap75": 0.3}
+    >>> card = generate_detection_model_card(summary, class_names=["cat"])
+    >>> "pipeline_tag: object-detection" in card
+    True
+    ```
+    """
+    from ..detection_inference import EVALUATORS
+
+    dataset_type, dataset_name, hub_dataset = _dataset_fields(summary.get("dataset"), dataset_id)
+    model_name = model_name or (repo_id.split("/")[-1] if repo_id else "deformable-detr-detection")
+    protocol = dict(summary.get("eval_protocol") or {})
+    eval_results, rows = [], []
+    for evaluator, title in DETECTION_EVALUATORS.items():
+        keys = [f"{evaluator}_{name}" for name in ("ap", "ap50", "ap75")]
+        if not all(key in summary and summary[key] is not None for key in keys):
+            continue
+        values = [_percent(summary[key], key) for key in keys]
+        rows.append([title, *(f"{value:.2f}" for value in values)])
+        for key, value in zip(keys, values):
+            eval_results.append(
+                EvalResult(
+                    task_type="object-detection",
+                    task_name="Object detection",
+                    dataset_type=dataset_type,
+                    dataset_name=dataset_name,
+                    dataset_split=protocol.get("split"),
+                    metric_type=key,
+                    metric_name=f"{title} {key.split('_')[-1].upper()} (%)",
+                    metric_value=value,
+                )
+            )
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="object-detection",
+        license=license,
+        tags=["object-detection", "deformable-detr", "detreg", LIBRARY_NAME],
+        datasets=[hub_dataset] if hub_dataset else None,
+        model_name=model_name,
+        eval_results=eval_results or None,
+    )
+    protocol_rows = [(key, _format_protocol_value(value)) for key, value in protocol.items() if key != "evaluators"]
+    template = resources.files("hf_useg").joinpath("resources/detection_model_card_template.md").read_text()
+    card = ModelCard.from_template(
+        card_data,
+        template_str=template,
+        model_title=f"Deformable DETR — {model_name}",
+        pretraining=summary.get("pretraining"),
+        backbone=summary.get("backbone") or "unknown",
+        dataset=dataset_name,
+        steps=summary.get("steps"),
+        class_names=", ".join(str(name) for name in class_names),
+        library_url=LIBRARY_URL,
+        notes=summary.get("notes"),
+        results_table=_markdown_table(["evaluator", "AP", "AP50", "AP75"], rows) if rows else "",
+        evaluators={DETECTION_EVALUATORS[key]: text for key, text in EVALUATORS.items()},
+        protocol_table=_markdown_table(["setting", "value"], protocol_rows) if protocol_rows else "",
+        repo_id=repo_id or "path/to/this/model",
+    )
+    return str(card)
 
 
 def _read_json(path: Path) -> Any:

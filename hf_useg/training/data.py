@@ -43,6 +43,15 @@ RANDOM_BACKBONES: dict[str, dict[str, Any]] = {
         embedding_size=64,
         out_features=["stage3"],
     ),
+    # a narrow ResNet-10 for detectors trained on a CPU (the raccoon experiment of CutMix-DETReg)
+    "random-resnet-mini": dict(
+        model_type="resnet",
+        layer_type="basic",
+        depths=[1, 1, 1, 1],
+        hidden_sizes=[32, 64, 128, 256],
+        embedding_size=32,
+        out_features=["stage2", "stage3", "stage4"],
+    ),
     "random-vit-tiny": _vit(64, layers=2, heads=4, patch_size=8, image_size=64),
     "random-vit-micro": _vit(32, layers=1, heads=2, patch_size=8, image_size=32),
     # the shape of training/configs/dino_pretrain_camvid.yaml's backbone (random-init baseline of that experiment)

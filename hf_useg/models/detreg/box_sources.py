@@ -368,7 +368,7 @@ def _import_cv2():
     return cv2
 
 
-def selective_search_boxes(image, top_k: int = 30, resize: int | None = 128) -> np.ndarray:
+def selective_search_boxes(image, top_k: int = 30, resize: int | None = 128, seed: int | None = None) -> np.ndarray:
     """DETReg's pseudo-boxes: the first `top_k` proposals of OpenCV's fast Selective Search, xyxy pixels.
 
     As DETReg's ``selective_search``: the RGB image is resized to a ``resize x resize`` *square* thumbnail (aspect
@@ -379,7 +379,8 @@ def selective_search_boxes(image, top_k: int = 30, resize: int | None = 128) -> 
     exclusive, inside the image.
 
     OpenCV ranks the proposals with C's ``rand()``, so two calls may give different boxes (DETReg relies on this
-    for boxes re-drawn at every load); the result is not seeded by any Python generator. Sets
+    for boxes re-drawn at every load). ``seed`` seeds C's ``rand()`` first (``srand``), so that a training step
+    draws the same boxes when a run is resumed; None leaves it as it is. Sets
     ``cv2.setNumThreads(1)`` (process-wide) to keep DataLoader workers from oversubscribing the cores. Needs the
     ``selective-search`` extra (``opencv-contrib-python-headless``): without it this raises an `ImportError` that
     names the install command. About 0.1 s per image at 128 px.
@@ -399,6 +400,10 @@ def selective_search_boxes(image, top_k: int = 30, resize: int | None = 128) -> 
     if resize is not None and (isinstance(resize, bool) or not isinstance(resize, (int, np.integer)) or resize < 8):
         raise ValueError(f"resize must be None or an int >= 8 (pixels), got {resize!r}")
     cv2 = _import_cv2()
+    if seed is not None:
+        import ctypes
+
+        ctypes.CDLL(None).srand(ctypes.c_uint(seed % 2**32))
     array = np.ascontiguousarray(_as_rgb_array(image, "image"))
     height, width = array.shape[:2]
     thumbnail = cv2.resize(array, (resize, resize)) if resize is not None else array
