@@ -164,7 +164,22 @@ class CheckedLoadingMixin:
                     f"{pretrained_model_name_or_path} has non-finite values (NaN or inf) in {_name_some(non_finite)}: "
                     "a diverged run or a damaged file. Pass allow_non_finite=True to load it anyway (research use)"
                 )
+        model.restore_frozen_parameters()
         return (model, loading_info) if output_loading_info else model
+
+    # modules or parameters (dotted names) a model keeps without gradients besides its frozen `FeatureBackbone`s
+    frozen_modules: tuple[str, ...] = ()
+
+    def restore_frozen_parameters(self) -> None:
+        """Give the frozen parts (every `FeatureBackbone` built with ``frozen=True`` and the modules named in
+        ``frozen_modules``) ``requires_grad=False`` again: transformers 5.x loads each weight as a new parameter
+        with ``requires_grad=True``, so a loaded STEGO would otherwise train its frozen backbone."""
+        for module in self.modules():
+            if getattr(module, "frozen", False) is True:
+                module.requires_grad_(False)
+        for name in self.frozen_modules:
+            parameters = dict(self.named_parameters())
+            (parameters[name] if name in parameters else self.get_submodule(name)).requires_grad_(False)
 
 
 class UnsupervisedSegmentationPreTrainedModel(CheckedLoadingMixin, PreTrainedModel):

@@ -286,6 +286,17 @@ def test_every_method_loads_its_own_saved_folder(tmp_path, method):
         assert torch.equal(value, model.state_dict()[name]), name
 
 
+@pytest.mark.parametrize("method", sorted(MODELS))
+def test_frozen_parts_stay_frozen_after_loading(tmp_path, method):
+    # transformers 5.x loads every weight as a new parameter with requires_grad=True: a loaded STEGO trained its
+    # "frozen" backbone (22 more trainable tensors) until `restore_frozen_parameters`
+    model = MODELS[method]()
+    _save(model, tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert {name for name, parameter in loaded.named_parameters() if parameter.requires_grad} == trainable
+
+
 def test_legacy_dino_kmeans_fixture_still_loads():
     model = AutoModel.from_pretrained(FIXTURES / "dino_kmeans_v0.1.0")
     assert isinstance(model, DinoForUnsupervisedSegmentation) and model.is_fitted

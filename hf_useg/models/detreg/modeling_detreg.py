@@ -190,13 +190,11 @@ class CutMixDetregForPretraining(CutMixDetregPreTrainedModel):
         if config.object_encoder_config is None:
             self.init_object_encoder_from_detector_backbone()
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained` (with the checks of `CheckedLoadingMixin`), then the frozen parts are
-        frozen again: transformers 5.x loads every weight as a new parameter with ``requires_grad=True``."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze()
-        return loaded
+    def restore_frozen_parameters(self) -> None:
+        """After `from_pretrained`: the object encoder and (per ``config.freeze_backbone``) the backbone frozen
+        again (see `CheckedLoadingMixin.restore_frozen_parameters`)."""
+        super().restore_frozen_parameters()
+        self._freeze()
 
     def _freeze(self) -> None:
         self.object_encoder.requires_grad_(False)

@@ -131,6 +131,8 @@ class DinoForUnsupervisedSegmentation(DinoPreTrainedModel):
     ```
     """
 
+    frozen_modules = ("cluster_probe.clusters",)  # fitted by k-means, never by gradients
+
     def __init__(self, config: DinoSegmentationConfig):
         super().__init__(config)
         self.backbone = FeatureBackbone(

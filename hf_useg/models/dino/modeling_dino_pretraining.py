@@ -405,6 +405,13 @@ class DinoForSelfSupervisedPretraining(DinoPretrainingPreTrainedModel):
     ```
     """
 
+    frozen_modules = ("teacher_head",)  # (the teacher backbone is a frozen FeatureBackbone)
+
+    def restore_frozen_parameters(self) -> None:
+        super().restore_frozen_parameters()
+        if self.config.norm_last_layer:  # the last layer's weight norm stays fixed at 1
+            self.head.last_layer.weight_g.requires_grad_(False)
+
     def __init__(self, config: DinoPretrainingConfig):
         super().__init__(config)
         hidden = config.backbone_config.hidden_size
