@@ -12,6 +12,8 @@ __all__ = [
     "draw_boxes",
     "draw_composite",
     "overlay",
+    "plot_training_curves",
+    "read_metrics",
     "side_by_side",
 ]
 
@@ -181,7 +183,7 @@ def draw_boxes(image, boxes, ax=None, labels=None, *, linewidth: float = 2.0, ti
         linewidth: box outline width in points.
         title: Axes title.
 
-    Returns the Axes. Needs matplotlib (``pip install 'hf-useg[detection]'``).
+    Returns the Axes.
 
     Example:
 
@@ -257,3 +259,67 @@ def draw_composite(composite, ax=None, *, title: str | None = None):
             "(label: box, visible share)"
         )
     return draw_boxes(composite.image, composite.boxes, ax=ax, labels=labels, title=title)
+
+
+def read_metrics(path) -> list[dict]:
+    """The lines of a run's ``metrics.jsonl`` (one dict per logged step)."""
+    import json
+    from pathlib import Path
+
+    lines = Path(path).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def plot_training_curves(metrics, path=None, *, title: str | None = None):
+    """Loss and validation curves of a training run against its steps, as a matplotlib `Figure`.
+
+    ``metrics``: a ``metrics.jsonl`` path or its parsed lines (`read_metrics`). The left panel shows every
+    ``train/*`` value (the loss and the method's terms, log scale when all are positive), the right one every
+    ``val/*`` value (cluster / linear mIoU and accuracy for segmenters, AP for detectors) when the run validated.
+    Written to ``path`` (PNG) when given. Needs matplotlib.
+
+    Example:
+
+    ```python
+    >>> lines = [{"step": 10, "train/loss": 2.0}, {"step": 20, "train/loss": 1.5, "val/cluster_mean_iou": 0.3}]
+    >>> figure = plot_training_curves(lines)
+    >>> [axes.get_ylabel() for axes in figure.axes]
+    ['training loss (and terms)', 'validation (fraction)']
+    ```
+    """
+    from matplotlib.figure import Figure
+
+    lines = read_metrics(metrics) if not isinstance(metrics, list) else metrics
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for line in lines:
+        for key, value in line.items():
+            if key != "step" and isinstance(value, (int, float)) and key.startswith(("train/", "val/")):
+                steps, values = series.setdefault(key, ([], []))
+                steps.append(line["step"])
+                values.append(float(value))
+    if not series:
+        raise ValueError("no train/ or val/ values to plot: the run logged nothing yet")
+    validation = sorted(key for key in series if key.startswith("val/"))
+    figure = Figure(figsize=(11.0 if validation else 6.0, 4.0), layout="constrained")
+    panels = figure.subplots(1, 2 if validation else 1, squeeze=False)[0]
+    training = sorted((key for key in series if key.startswith("train/")), key=lambda key: key != "train/loss")
+    for key in training:
+        steps, values = series[key]
+        panels[0].plot(steps, values, label=key.removeprefix("train/"), linewidth=2.0 if key == "train/loss" else 1)
+    if training and all(value > 0 for key in training for value in series[key][1]):
+        panels[0].set_yscale("log")
+    panels[0].set(xlabel="step", ylabel="training loss (and terms)")
+    for key in validation:
+        steps, values = series[key]
+        panels[1].plot(steps, values, marker="o", label=key.removeprefix("val/"))
+    if validation:
+        panels[1].set(xlabel="step", ylabel="validation (fraction)")
+    for axes in panels:
+        axes.grid(alpha=0.3)
+        if axes.lines:
+            axes.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    if path is not None:
+        figure.savefig(path, dpi=100)
+    return figure

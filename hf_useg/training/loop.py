@@ -253,7 +253,9 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     finalized = recipe.finalize(model)
     model.eval()
     summary.update(steps=state["step"], train_seconds=round(time.time() - start_time, 1), **finalized)
-    if recipe.label_free:  # nothing to evaluate as a segmenter: `finalize` saved the result
+    if accelerator.is_main_process:
+        _write_training_curves(output_dir, f"{args.method} ({output_dir.name})")
+    if recipe.label_free:  # nothing to evaluate: `finalize` saved the result
         _end(accelerator, prepared, optimizer)
         return summary
 
@@ -269,6 +271,22 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     _end(accelerator, prepared, optimizer)
     summary["model_dir"] = str(output_dir / "model")
     return summary
+
+
+def _write_training_curves(output_dir: Path, title: str) -> None:
+    """``training_curves.png`` from ``metrics.jsonl`` (loss and validation against steps); skipped, with a note,
+    without matplotlib."""
+    metrics = output_dir / "metrics.jsonl"
+    if not metrics.exists() or not metrics.read_text().strip():
+        return
+    try:
+        from ..visualization import plot_training_curves
+
+        figure = plot_training_curves(metrics, title=title)
+        with atomic_file(output_dir / "training_curves.png") as tmp:
+            figure.savefig(tmp, format="png", dpi=100)
+    except ImportError:
+        logger.warning("training_curves.png not written: matplotlib is not installed (pip install matplotlib)")
 
 
 # The distributed objects of finished multi-process runs (see `_end`).
