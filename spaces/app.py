@@ -1,21 +1,28 @@
-"""Gradio Space for `hf_useg`: segment an image without labels and look at what the backbone attends to.
+"""Gradio Space for `hf_useg`: segment an image without labels, look at what the backbone attends to, detect objects
+with a fine-tuned CutMix-DETReg detector and look at CutMix-DETReg's pseudo-boxes.
 
-Upload an image (or pick one of the generated example scenes), choose a method and one of the offered models, and
-see the segmentation as an annotated image with a legend (segment names from the model's ``config.id2label``), with
-or without horizontal-flip test-time augmentation and the dense CRF, plus the last-layer CLS attention of every head
-of the (DINO) ViT backbone.
+* **Segmentation** tab: upload an image (or pick one of the generated example scenes), choose a method and one of
+  the offered models, and see the segmentation as an annotated image with a legend (segment names from the model's
+  ``config.id2label``), with or without horizontal-flip test-time augmentation and the dense CRF, plus the
+  last-layer CLS attention of every head of the (DINO) ViT backbone.
+* **Detection** tab: an offered object detector (a fine-tuned ``DeformableDetrForObjectDetection`` folder, or any
+  ``*ForObjectDetection`` model) draws its boxes above a score threshold on the uploaded image, with class names
+  and scores, and lists them in a table. Below, the same image is the base of a CutMix composite (pastes cut from a
+  donor upload or the example scenes) with its pseudo-boxes, of the random-box control and of DETReg's Selective
+  Search boxes (when OpenCV's contrib modules are installed), for any seed.
 
-Run it locally (offline with a local model folder)::
+Run it locally (offline with local model folders)::
 
-    python spaces/app.py --model outputs/stego-tiny/model [--model another/folder-or-hub-id] [--port 7860]
+    python spaces/app.py --model outputs/stego-tiny/model --model outputs/raccoon-detector/model [--port 7860]
 
-The app serves only the models it offers; ``--allow-custom-models`` lets visitors type any local folder or Hub id
-(off by default, and off on a Space, which runs ``app.py`` without arguments). The work of one request is bounded:
-uploads over ``MAX_UPLOAD_PIXELS`` are refused before they are decoded, the segmented image is at most
-``MAX_IMAGE_SIDE`` pixels on its longer side, the backbone sees at most ``MAX_TOKENS`` patch tokens (the aspect ratio
-is kept), the attention gallery is computed from a smaller input when ``heads * tokens**2`` would exceed
-``MAX_ATTENTION_ENTRIES``, and a bounded queue runs ``CONCURRENCY`` requests at a time (each limit can be set by the
-``HF_USEG_*`` variable of the same name).
+Each offered model goes to the tab of its kind (read from its ``config.json``). The app serves only the models it
+offers; ``--allow-custom-models`` lets visitors type any local folder or Hub id (off by default, and off on a Space,
+which runs ``app.py`` without arguments). The work of one request is bounded: uploads over ``MAX_UPLOAD_PIXELS`` are
+refused before they are decoded, the processed image is at most ``MAX_IMAGE_SIDE`` pixels on its longer side, the
+segmentation backbone sees at most ``MAX_TOKENS`` patch tokens (the aspect ratio is kept), the attention gallery is
+computed from a smaller input when ``heads * tokens**2`` would exceed ``MAX_ATTENTION_ENTRIES``, the detector's
+input is at most ``MAX_DETECTION_SIDE`` pixels on its longer side, and a bounded queue runs ``CONCURRENCY`` requests
+at a time (each limit can be set by the ``HF_USEG_*`` variable of the same name).
 
 On a Space, the models come from the ``HF_USEG_MODELS`` variable (Hub ids or folders separated by commas) and from
 the ``models/*`` folders uploaded beside this file (``hf-useg push spaces/ me/demo --space --with-model DIR``).
@@ -70,6 +77,13 @@ MAX_FILE_SIZE = os.environ.get("HF_USEG_MAX_FILE_SIZE", "25mb")  # uploads above
 PROBES = ("cluster", "linear")
 MASK_OPACITY = 0.6  # the image shows through the coloured segments
 ALL_METHODS = "all methods"
+DETECTION_TASK = "object-detection"
+DETECTION_THRESHOLD = 0.5  # default of the score slider
+# The longer side of the detector's input (DETR's processors: shorter side 800, longer at most 1333); larger
+# processor sizes are scaled down to it (Deformable DETR's cost is linear in pixels).
+MAX_DETECTION_SIDE = _env_int("HF_USEG_MAX_DETECTION_SIDE", 1333)
+MAX_DETECTIONS = 100  # (query, class) pairs kept before the threshold (Deformable DETR's post-processing)
+SELECTIVE_SEARCH_TOP_K = 30  # DETReg's pseudo-boxes per image
 
 INTRO = """# hf_useg — unsupervised semantic segmentation
 
@@ -78,6 +92,24 @@ cluster is named after the class it was matched to during evaluation (`config.id
 supervised reference. Flip TTA averages the prediction with that of the mirrored image; the dense CRF snaps
 segment borders to image edges. The gallery shows where each attention head of the last backbone layer looks
 (CLS query)."""
+
+DETECTION_INTRO = """Boxes of an **object detector**: a `transformers` `DeformableDetrForObjectDetection` fine-tuned
+from a CutMix-DETReg-pretrained detector (`hf-useg` detection fine-tuning), or any other `*ForObjectDetection` model
+offered here. Each box shows its class and score; only boxes scoring above the threshold are kept."""
+
+NO_DETECTOR_NOTE = """
+
+*No detector is offered: start the app with `--model DETECTOR_FOLDER` (a fine-tuned detector folder) or add one to
+`HF_USEG_MODELS`. The CutMix composites below work without one.*"""
+
+COMPOSITE_INTRO = """### CutMix composites — the pseudo-boxes of CutMix-DETReg pretraining
+
+On the image above: rectangles cut from a donor image are pasted on it and become exact pseudo-boxes (the label is
+the box's index and its visible share; a paste hidden by more than half by later ones is dropped). The random-box
+control draws the same boxes on the unmodified image (same law and seed); DETReg's Selective Search gives its own
+boxes. Move the seed slider for another draw."""
+
+DETECTION_COLUMNS = ("label", "score", "x1", "y1", "x2", "y2")
 
 # stops of a dark-to-bright colour map for attention heat maps (black -> purple -> orange -> light yellow)
 _HEAT_STOPS = np.array(
@@ -426,6 +458,368 @@ def annotations(result: Segmentation) -> tuple[Image.Image, list[tuple[np.ndarra
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# detection
+
+
+def _model_config(name: str) -> dict | None:
+    """The ``config.json`` of a local folder or (downloaded) of a Hub id; ``None`` when it cannot be read."""
+    path = Path(name) / "config.json"
+    try:
+        if path.is_file():
+            return json.loads(path.read_text())
+        if Path(name).exists():
+            return None
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(name, "config.json")).read_text())
+    except Exception:  # offline, private, missing or damaged: the model is then offered in both tabs
+        return None
+
+
+def is_detector_config(config: dict) -> bool:
+    """Whether a ``config.json`` is that of an object detector: a registry method serving ``object-detection``
+    (``deformable_detr``: a fine-tuned CutMix-DETReg detector) or a ``*ForObjectDetection`` architecture."""
+    from hf_useg.registry import method_for_model_type
+
+    spec = method_for_model_type(str(config.get("model_type", "")))
+    if spec is not None:
+        return spec.pipeline_task == DETECTION_TASK
+    return any(str(name).endswith("ForObjectDetection") for name in config.get("architectures") or ())
+
+
+def split_models(models: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(segmentation models, detectors)`` of the offered ``models``, in their order. A model whose config cannot
+    be read (an unreachable Hub id) is in both lists: loading it tells which it is."""
+    segmenters, detectors = [], []
+    for name in models:
+        config = _model_config(name)
+        if config is None or is_detector_config(config):
+            detectors.append(name)
+        if config is None or not is_detector_config(config):
+            segmenters.append(name)
+    return segmenters, detectors
+
+
+@dataclass
+class LoadedDetector:
+    name: str
+    model: Any
+    processor: Any
+    method: str
+    note: str | None  # said under every result (e.g. the processor was not saved with the model)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one request per model: bounds the memory
+
+
+def load_detector(name: str) -> LoadedDetector:
+    """Load an object detector (`AutoModelForObjectDetection`) and its saved image processor (cached, four at
+    most). Without a saved processor, Deformable DETR's own (shorter side 800) is used and the result says so."""
+    with _LOAD_LOCK:
+        return _load_detector(name)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_detector(name: str) -> LoadedDetector:
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection
+    from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING
+
+    import hf_useg  # noqa: F401  (registers the segmentation models, so that they are recognised and refused)
+    from hf_useg.detection_inference import detection_image_processor
+
+    name = name.strip()
+    if not name:
+        raise ValueError("choose a detector: a local model folder or a Hub id")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as error:  # offline Hub ids, missing folders, foreign checkpoints: say what failed
+        raise ValueError(f"cannot load the detector {name!r}: {error}") from error
+    if type(config) not in MODEL_FOR_OBJECT_DETECTION_MAPPING:
+        raise ValueError(
+            f"{name!r} is a {method_display_name(config.model_type)} model, not an object detector (segmentation "
+            "models are in the Segmentation tab)"
+        )
+    try:
+        model = AutoModelForObjectDetection.from_pretrained(name).eval()
+    except Exception as error:
+        raise ValueError(f"cannot load the detector {name!r}: {error}") from error
+    note = None
+    try:
+        processor = AutoImageProcessor.from_pretrained(name)
+    except OSError:
+        processor = detection_image_processor(800)
+        note = "No image processor was saved with this model: Deformable DETR's default (shorter side 800) is used."
+    return LoadedDetector(name, model, processor, method_display_name(config.model_type), note)
+
+
+def _size_entry(size: Any, key: str) -> int | None:
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if value else None
+
+
+def detector_input_size(processor, height: int, width: int) -> tuple[tuple[int, int], str | None]:
+    """``((height, width), note)``: the size the detector is given for a ``height x width`` image — the
+    processor's own (shorter side to ``shortest_edge``, longer side at most ``longest_edge``, as DETR) unless its
+    longer side would exceed ``MAX_DETECTION_SIDE`` or a side would round to 0 pixels (a sliver); then the app
+    scales the image itself (aspect ratio kept, sides at least 1 pixel) and ``note`` says why (None otherwise)."""
+    from transformers.image_transforms import get_size_with_aspect_ratio
+    from transformers.image_utils import get_image_size_for_max_height_width
+
+    size = processor.size
+    shortest, longest = _size_entry(size, "shortest_edge"), _size_entry(size, "longest_edge")
+    if shortest:
+        target = get_size_with_aspect_ratio((height, width), shortest, longest or shortest)
+    elif _size_entry(size, "max_height") and _size_entry(size, "max_width"):
+        target = get_image_size_for_max_height_width(
+            (height, width), _size_entry(size, "max_height"), _size_entry(size, "max_width")
+        )
+    elif _size_entry(size, "height") and _size_entry(size, "width"):
+        target = (_size_entry(size, "height"), _size_entry(size, "width"))
+    else:
+        target = (height, width)
+    if min(target) >= 1 and max(target) <= MAX_DETECTION_SIDE:
+        return (int(target[0]), int(target[1])), None
+    scale = min(max(target) / max(height, width), MAX_DETECTION_SIDE / max(height, width))
+    if max(target) > MAX_DETECTION_SIDE:
+        note = f"The detector input was scaled to at most {MAX_DETECTION_SIDE} px on its longer side."
+    else:
+        note = "The image is too thin for the processor's size rule: it was scaled with at least 1 px per side."
+    return (max(1, round(height * scale)), max(1, round(width * scale))), note
+
+
+def _pad_to_two_cells(model, pixel_values, pixel_mask):
+    """Pad (bottom/right, masked out as in a padded batch) an input whose coarsest feature map would be a single
+    cell: Deformable DETR's extra levels end in a GroupNorm, which refuses one value per channel. The coarsest
+    stride is 32 (ResNet stage 4) times 2 per extra level beyond the backbone's three."""
+    import torch
+    import torch.nn.functional as F
+
+    levels = int(getattr(model.config, "num_feature_levels", 1) or 1)
+    stride = 32 * 2 ** max(0, levels - 3)
+    height, width = pixel_values.shape[-2:]
+    if math.ceil(height / stride) * math.ceil(width / stride) >= 2:
+        return pixel_values, pixel_mask, False
+    pad = (0, stride + 1 - width, 0, 0) if width >= height else (0, 0, 0, stride + 1 - height)
+    if pixel_mask is None:
+        pixel_mask = pixel_values.new_ones((pixel_values.shape[0], height, width), dtype=torch.long)
+    return F.pad(pixel_values, pad), F.pad(pixel_mask, pad), True
+
+
+def color_palette_rgb(count: int) -> list[tuple[int, int, int]]:
+    """`hf_useg.visualization.color_palette` as RGB tuples."""
+    from hf_useg.visualization import color_palette
+
+    return [tuple(int(c) for c in colour) for colour in color_palette(max(count, 1)).tolist()]
+
+
+@dataclass
+class Detections:
+    image: Image.Image  # the (possibly downscaled) RGB image the boxes refer to
+    drawn: Image.Image  # the image with the boxes, labels and scores
+    boxes: np.ndarray  # [n, 4] xyxy pixels of ``image``, highest score first
+    scores: np.ndarray  # [n]
+    labels: list[str]  # class name of each box
+    info: str
+
+    def rows(self) -> list[list]:
+        """One table row per box: label, score, x1, y1, x2, y2 (pixels of the shown image)."""
+        return [
+            [label, round(float(score), 4), *(round(float(v), 1) for v in box)]
+            for label, score, box in zip(self.labels, self.scores, self.boxes)
+        ]
+
+
+def detect(image: Any, model_name: str, threshold: float = DETECTION_THRESHOLD) -> Detections:
+    """Detect objects in ``image`` (a PIL image, an array or a file path; downscaled to at most
+    ``MAX_IMAGE_SIDE`` per side) with a `transformers` object detector: the boxes whose score is above
+    ``threshold`` (the detector's own post-processing, as ``pipeline("object-detection")``), drawn on the image with
+    their class names and scores. The detector sees at most ``MAX_DETECTION_SIDE`` pixels on its longer side.
+
+    Example:
+
+    ```python
+    >>> result = detect(Image.open("raccoon.jpg"), "outputs/raccoon-detector/model", threshold=0.5)  # doctest: +SKIP
+    >>> result.labels[0], result.scores[0] > 0.5                                                    # doctest: +SKIP
+    ('raccoon', True)
+    ```
+    """
+    import inspect
+
+    import torch
+
+    threshold = float(threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"the score threshold must be between 0 and 1, got {threshold}")
+    image = _as_rgb_image(image)
+    loaded = load_detector(model_name)
+    start = time.perf_counter()
+    (input_height, input_width), size_note = detector_input_size(loaded.processor, image.height, image.width)
+    kwargs = {"size": {"height": input_height, "width": input_width}} if size_note else {}
+    encoded = loaded.processor(images=image, return_tensors="pt", **kwargs)
+    pixel_values, pixel_mask, padded = _pad_to_two_cells(
+        loaded.model, encoded["pixel_values"], encoded.get("pixel_mask")
+    )
+    forward = {"pixel_values": pixel_values}
+    if pixel_mask is not None and "pixel_mask" in inspect.signature(loaded.model.forward).parameters:
+        forward["pixel_mask"] = pixel_mask
+    post_process = loaded.processor.post_process_object_detection
+    extra = {"top_k": MAX_DETECTIONS} if "top_k" in inspect.signature(post_process).parameters else {}
+    with loaded.lock, torch.no_grad():
+        outputs = loaded.model(**forward)
+    result = post_process(outputs, threshold=threshold, target_sizes=[(image.height, image.width)], **extra)[0]
+    order = torch.argsort(result["scores"], descending=True, stable=True)
+    scores = result["scores"][order].float().numpy()
+    boxes = result["boxes"][order].float().numpy().reshape(-1, 4)
+    label_ids = result["labels"][order].tolist()
+    id2label = loaded.model.config.id2label
+    labels = [str(id2label.get(label, f"class_{label}")) for label in label_ids]
+    seconds = time.perf_counter() - start
+
+    palette = color_palette_rgb(max(len(id2label), max(label_ids, default=0) + 1))
+    # lowest score first, so that the best boxes lie on top
+    drawn = draw_labelled_boxes(
+        image,
+        boxes[::-1],
+        [f"{label} {score:.2f}" for label, score in zip(labels[::-1], scores[::-1])],
+        [palette[label] for label in label_ids[::-1]],
+    )
+    info = (
+        f"**{loaded.method}** · `{loaded.name}` · score > {threshold:.2f} · {len(boxes)} detection"
+        f"{'' if len(boxes) == 1 else 's'}  \n{image.width}×{image.height} px (detector input "
+        f"{encoded['pixel_values'].shape[-1]}×{encoded['pixel_values'].shape[-2]}) · {seconds:.2f} s"
+    )
+    if size_note:
+        info += f"  \n{size_note}"
+    if padded:
+        info += "  \nThe input was padded (masked out) to give the coarsest feature map two cells."
+    if loaded.note:
+        info += f"  \n{loaded.note}"
+    if not len(boxes):
+        info += f"  \nNo box scores above {threshold:.2f}: lower the threshold to see the weaker ones."
+    return Detections(image, drawn, boxes, scores, labels, info)
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def draw_labelled_boxes(
+    image: Image.Image,
+    boxes,
+    labels: Sequence[str] | None,
+    colours: Sequence[tuple[int, int, int]],
+) -> Image.Image:
+    """A copy of ``image`` with each ``(x1, y1, x2, y2)`` pixel box (x2/y2 the exclusive edges, as everywhere in
+    hf_useg) outlined in its colour and, with ``labels``, its label on a tag of that colour above the box (inside it
+    when the box touches the top border). Boxes are drawn in order, later ones on top; parts outside the image are
+    clipped. Line width and text size grow with the image."""
+    from PIL import ImageDraw
+
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    width, height = canvas.size
+    line = max(1, round(max(width, height) / 300))
+    font = _font(max(10, round(max(width, height) / 45)))
+    for index, (x1, y1, x2, y2) in enumerate(np.asarray(boxes, dtype=np.float64).reshape(-1, 4)):
+        left, top = int(np.clip(round(x1), 0, width - 1)), int(np.clip(round(y1), 0, height - 1))
+        right, bottom = int(np.clip(round(x2) - 1, left, width - 1)), int(np.clip(round(y2) - 1, top, height - 1))
+        colour = tuple(int(c) for c in colours[index])
+        draw.rectangle((left, top, right, bottom), outline=colour, width=line)
+        if labels is None:
+            continue
+        text = str(labels[index])
+        text_left, text_top, text_right, text_bottom = draw.textbbox((0, 0), text, font=font)
+        tag_width, tag_height = text_right - text_left + 4, text_bottom - text_top + 4
+        tag_top = top - tag_height if top >= tag_height else top + line
+        tag_left = max(0, min(left, width - tag_width))
+        draw.rectangle((tag_left, tag_top, tag_left + tag_width - 1, tag_top + tag_height - 1), fill=colour)
+        ink = (0, 0, 0) if 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 140 else (255, 255, 255)
+        draw.text((tag_left + 2 - text_left, tag_top + 2 - text_top), text, fill=ink, font=font)
+    return canvas
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CutMix composites
+
+
+@dataclass
+class CompositeViews:
+    panels: list[tuple[Image.Image, str]]  # (drawn image, caption): composite, random boxes, Selective Search
+    composite: Any  # the `CutMixComposite`
+    random_boxes: np.ndarray
+    selective_search_boxes: np.ndarray | None  # None: OpenCV's contrib modules are not installed
+    info: str
+
+
+def cutmix_views(image: Any, donors: Sequence[Any], seed: int = 0, max_pastes: int = 8) -> CompositeViews:
+    """The three pseudo-box sources of CutMix-DETReg pretraining on one base image (a PIL image, an array or a file
+    path; downscaled to at most ``MAX_IMAGE_SIDE`` per side):
+
+    1. a CutMix composite (`CutMixComposer` with ``max_pastes``, rectangles cut from ``donors`` pasted on the base)
+       with its pseudo-boxes, each labelled with its index and visible share;
+    2. the random-box control (`random_boxes`, the same box law and seed: the same boxes, no pasted content);
+    3. DETReg's Selective Search boxes (top `SELECTIVE_SEARCH_TOP_K`, 128 px, seeded) when OpenCV's contrib modules
+       are installed; otherwise ``info`` names the install command.
+
+    The same ``seed`` gives the same views.
+    """
+    from hf_useg.models.detreg.box_sources import CutMixComposer, random_boxes, selective_search_boxes
+
+    if isinstance(seed, float) and seed.is_integer():
+        seed = int(seed)  # sliders send floats
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"the seed must be a whole number between 0 and {2**32 - 1}, got {seed!r}")
+    if isinstance(max_pastes, float) and max_pastes.is_integer():
+        max_pastes = int(max_pastes)
+    if isinstance(max_pastes, bool) or not isinstance(max_pastes, (int, np.integer)) or not 1 <= max_pastes <= 16:
+        raise ValueError(f"the number of pastes must be a whole number from 1 to 16, got {max_pastes!r}")
+    base = _as_rgb_image(image)
+    donor_images = [_as_rgb_image(donor) for donor in donors if donor is not None]
+    if not donor_images:
+        raise ValueError("CutMix needs at least one donor image to cut rectangles from")
+    composite = CutMixComposer(max_pastes=int(max_pastes))(base, donor_images, np.random.default_rng(seed))
+    control = random_boxes(base.height, base.width, np.random.default_rng(seed), max_boxes=int(max_pastes))
+
+    box_colours = color_palette_rgb(max(len(composite.boxes), len(control), SELECTIVE_SEARCH_TOP_K))
+    shares = [f"{index}: {share:.0%}" for index, share in enumerate(composite.visible_fraction)]
+    panels = [
+        (
+            draw_labelled_boxes(Image.fromarray(composite.image), composite.boxes, shares, box_colours),
+            f"CutMix: {len(composite.boxes)} pseudo-boxes",
+        ),
+        (
+            draw_labelled_boxes(base, control, [str(index) for index in range(len(control))], box_colours),
+            f"Random boxes (control): {len(control)}",
+        ),
+    ]
+    info = (
+        f"Seed {seed} · {composite.num_pasted} paste{'s' if composite.num_pasted != 1 else ''} drawn, "
+        f"{len(composite.boxes)} kept (a paste that later pastes hide by more than half is dropped) · "
+        f"{len(donor_images)} donor image{'s' if len(donor_images) != 1 else ''} · base {base.width}×{base.height} px"
+    )
+    try:
+        proposals = selective_search_boxes(base, top_k=SELECTIVE_SEARCH_TOP_K, seed=seed)
+    except ImportError:
+        proposals = None
+        info += (
+            "  \nSelective Search (DETReg's original boxes) needs OpenCV's contrib modules: "
+            "`pip install 'hf-useg[selective-search]'`."
+        )
+    else:
+        panels.append(
+            (
+                draw_labelled_boxes(base, proposals, None, box_colours),
+                f"Selective Search: top {len(proposals)}",
+            )
+        )
+    return CompositeViews(panels, composite, control, proposals, info)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # example images
 
 
@@ -508,16 +902,19 @@ def _explain_unreadable_uploads(component) -> None:
     component.preprocess = preprocess
 
 
-def _user_message(error: BaseException) -> str:
-    """What the visitor reads for a failed request (the traceback goes to the server log only)."""
+def _user_message(error: BaseException, task: str = "segmentation") -> str:
+    """What the visitor reads for a failed request (the traceback goes to the server log only); ``task`` names the
+    request ("segmentation", "detection" or "composition")."""
     import torch
 
     if isinstance(error, (ValueError, TypeError, ImportError)):  # the app's own messages name the problem
         return str(error)
     out_of_memory = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
     if isinstance(error, out_of_memory) or "can't allocate memory" in str(error):
-        return "not enough memory to segment this image: try a smaller image, or without the dense CRF"
-    return f"the segmentation failed ({type(error).__name__}); try another image or model"
+        if task == "segmentation":
+            return "not enough memory to segment this image: try a smaller image, or without the dense CRF"
+        return f"not enough memory for the {task} of this image: try a smaller image"
+    return f"the {task} failed ({type(error).__name__}); try another image or model"
 
 
 def build_demo(
@@ -525,25 +922,28 @@ def build_demo(
     examples_dir: str | os.PathLike | None = None,
     allow_custom_models: bool = False,
 ):
-    """The Gradio app (a `gr.Blocks`, queued, not launched). ``model_dirs``: model folders or Hub ids offered first
-    (see `discover_models`); ``examples_dir``: where the example scenes are written (default: a new temp folder);
-    ``allow_custom_models``: whether visitors may type any other local folder or Hub id (off: only the offered
-    models are ever loaded).
+    """The Gradio app (a `gr.Blocks`, queued, not launched): a Segmentation tab and a Detection tab (detections
+    and CutMix composites). ``model_dirs``: model folders or Hub ids offered first (see `discover_models`; each goes
+    to the tab of its kind, see `split_models`); ``examples_dir``: where the example scenes are written (default: a
+    new temp folder); ``allow_custom_models``: whether visitors may type any other local folder or Hub id (off: only
+    the offered models are ever loaded).
 
-    The segmentation is also an API endpoint, ``/segment(image, model, probe, crf, flip_tta) -> (annotated image,
-    attention gallery, info)``; at most ``CONCURRENCY`` requests run at once and ``QUEUE_SIZE`` wait.
+    The API endpoints: ``/segment(image, model, probe, crf, flip_tta) -> (annotated image, attention gallery,
+    info)``, ``/detect(image, detector, threshold) -> (image with boxes, table, info)`` and ``/composite(image,
+    donor, seed, max_pastes) -> (gallery, info)``; at most ``CONCURRENCY`` requests run at once and ``QUEUE_SIZE``
+    wait.
 
     Example:
 
     ```python
-    >>> demo = build_demo(["outputs/stego-tiny/model"])                              # doctest: +SKIP
-    >>> demo.launch(server_name="127.0.0.1", prevent_thread_lock=True)              # doctest: +SKIP
+    >>> demo = build_demo(["outputs/stego-tiny/model", "outputs/raccoon-detector/model"])    # doctest: +SKIP
+    >>> demo.launch(server_name="127.0.0.1", prevent_thread_lock=True)                      # doctest: +SKIP
     ```
     """
     import gradio as gr
 
     _save_pil_to_cache_atomically()
-    models = discover_models(model_dirs)
+    models, detectors = split_models(discover_models(model_dirs))
     methods = {name: method_of(name) for name in models}
     examples = make_example_images(examples_dir or tempfile.mkdtemp(prefix="hf_useg_examples_"))
 
@@ -551,11 +951,15 @@ def build_demo(
         choices = [name for name in models if method in (ALL_METHODS, methods[name])]
         return gr.Dropdown(choices=choices, value=choices[0] if choices else None)
 
+    def check_offered(name: str, offered: list[str], kind: str) -> str:
+        name = (name or "").strip()
+        if name and not allow_custom_models and name not in offered:
+            shown = name if len(name) <= 80 else name[:77] + "..."
+            raise gr.Error(f"{shown!r} is not one of the {kind}s this app offers: choose one from the list")
+        return name
+
     def run(image, model_name, probe, crf, flip_tta):
-        model_name = (model_name or "").strip()
-        if model_name and not allow_custom_models and model_name not in models:
-            shown = model_name if len(model_name) <= 80 else model_name[:77] + "..."
-            raise gr.Error(f"{shown!r} is not one of the models this app offers: choose one from the list")
+        model_name = check_offered(model_name, models, "model")
         try:
             result = segment(image, model_name, probe, bool(crf), bool(flip_tta))
             base, pairs, color_map = annotations(result)
@@ -565,56 +969,144 @@ def build_demo(
             raise gr.Error(_user_message(error)) from error
         return gr.AnnotatedImage(value=(base, pairs), color_map=color_map), result.attention, result.info
 
-    model_label = "Model (a listed one, a local folder or a Hub id)" if allow_custom_models else "Model"
-    with gr.Blocks(title="hf_useg — unsupervised segmentation") as demo:
-        gr.Markdown(INTRO)
-        with gr.Row():
-            with gr.Column(scale=1):
-                # a file path: the app opens the upload itself (size checked before decoding)
-                image = gr.Image(
-                    type="filepath",
-                    image_mode=None,
-                    label="Image",
-                    sources=["upload", "clipboard"],
-                    elem_id="input-image",
-                )
-                _explain_unreadable_uploads(image)
-                method = gr.Dropdown(
-                    choices=[ALL_METHODS] + sorted(set(methods.values())), value=ALL_METHODS, label="Method"
-                )
-                model = gr.Dropdown(
-                    choices=models,
-                    value=models[0] if models else None,
-                    allow_custom_value=allow_custom_models,
-                    label=model_label,
-                    elem_id="model",
-                )
-                probe = gr.Radio(list(PROBES), value="cluster", label="Probe")
-                with gr.Row():
-                    flip_tta = gr.Checkbox(value=True, label="Flip TTA")
-                    crf = gr.Checkbox(value=False, label="Dense CRF")
-                button = gr.Button("Segment", variant="primary", elem_id="segment-button")
-                gr.Examples(
-                    examples=[[str(path)] for path in examples],
-                    inputs=[image],
-                    label="Examples (generated scenes, not real photos)",
-                )
-            with gr.Column(scale=1):
-                annotated = gr.AnnotatedImage(label="Segmentation", show_legend=True, format="png", elem_id="result")
-                info = gr.Markdown(label="Details", elem_id="info")
-        attention = gr.Gallery(
-            label="Last-layer CLS attention, one map per head",
-            columns=6,
-            fit_columns=False,
-            height=260,
-            object_fit="contain",
-            format="png",
-            elem_id="attention",
+    def run_detection(image, detector_name, threshold):
+        detector_name = check_offered(detector_name, detectors, "detector")
+        if not detector_name:
+            raise gr.Error(
+                "no detector chosen: start the app with --model DETECTOR_FOLDER (a fine-tuned Deformable DETR)"
+                if not detectors
+                else "choose a detector from the list"
+            )
+        try:
+            result = detect(image, detector_name, DETECTION_THRESHOLD if threshold is None else threshold)
+        except Exception as error:
+            if not isinstance(error, (ValueError, TypeError)):
+                logger.exception("detection failed")
+            raise gr.Error(_user_message(error, "detection")) from error
+        return result.drawn, result.rows(), result.info
+
+    def run_composite(image, donor, seed, max_pastes):
+        donors = [donor] if donor is not None else [str(path) for path in examples]
+        try:
+            views = cutmix_views(image, donors, 0 if seed is None else seed, 8 if max_pastes is None else max_pastes)
+        except Exception as error:
+            if not isinstance(error, (ValueError, TypeError)):
+                logger.exception("composition failed")
+            raise gr.Error(_user_message(error, "composition")) from error
+        return views.panels, views.info
+
+    def image_input(elem_id: str, label: str = "Image"):
+        # a file path: the app opens the upload itself (size checked before decoding)
+        component = gr.Image(
+            type="filepath", image_mode=None, label=label, sources=["upload", "clipboard"], elem_id=elem_id
         )
+        _explain_unreadable_uploads(component)
+        return component
+
+    example_rows = [[str(path)] for path in examples]
+    example_label = "Examples (generated scenes, not real photos)"
+    custom = " (a listed one, a local folder or a Hub id)" if allow_custom_models else ""
+    with gr.Blocks(title="hf_useg — unsupervised segmentation") as demo:
+        with gr.Tabs():
+            with gr.Tab("Segmentation", id="segmentation"):
+                gr.Markdown(INTRO)
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        image = image_input("input-image")
+                        method = gr.Dropdown(
+                            choices=[ALL_METHODS] + sorted(set(methods.values())), value=ALL_METHODS, label="Method"
+                        )
+                        model = gr.Dropdown(
+                            choices=models,
+                            value=models[0] if models else None,
+                            allow_custom_value=allow_custom_models,
+                            label=f"Model{custom}",
+                            elem_id="model",
+                        )
+                        probe = gr.Radio(list(PROBES), value="cluster", label="Probe")
+                        with gr.Row():
+                            flip_tta = gr.Checkbox(value=True, label="Flip TTA")
+                            crf = gr.Checkbox(value=False, label="Dense CRF")
+                        button = gr.Button("Segment", variant="primary", elem_id="segment-button")
+                        gr.Examples(examples=example_rows, inputs=[image], label=example_label)
+                    with gr.Column(scale=1):
+                        annotated = gr.AnnotatedImage(
+                            label="Segmentation", show_legend=True, format="png", elem_id="result"
+                        )
+                        info = gr.Markdown(label="Details", elem_id="info")
+                attention = gr.Gallery(
+                    label="Last-layer CLS attention, one map per head",
+                    columns=6,
+                    fit_columns=False,
+                    height=260,
+                    object_fit="contain",
+                    format="png",
+                    elem_id="attention",
+                )
+            with gr.Tab("Detection", id="detection"):
+                gr.Markdown(DETECTION_INTRO if detectors else DETECTION_INTRO + NO_DETECTOR_NOTE)
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        detection_image = image_input("detection-image")
+                        detector = gr.Dropdown(
+                            choices=detectors,
+                            value=detectors[0] if detectors else None,
+                            allow_custom_value=allow_custom_models,
+                            label=f"Detector{custom}",
+                            elem_id="detector",
+                        )
+                        threshold = gr.Slider(
+                            0.0,
+                            1.0,
+                            value=DETECTION_THRESHOLD,
+                            step=0.01,
+                            label="Score threshold",
+                            elem_id="threshold",
+                        )
+                        detect_button = gr.Button("Detect", variant="primary", elem_id="detect-button")
+                        gr.Examples(examples=example_rows, inputs=[detection_image], label=example_label)
+                    with gr.Column(scale=1):
+                        detected = gr.Image(label="Detections", type="pil", format="png", elem_id="detections")
+                        table = gr.Dataframe(
+                            headers=list(DETECTION_COLUMNS),
+                            datatype=["str"] + ["number"] * 5,
+                            label="Detections (boxes in pixels of the shown image, best first)",
+                            interactive=False,
+                            elem_id="detection-table",
+                        )
+                        detection_info = gr.Markdown(elem_id="detection-info")
+                gr.Markdown(COMPOSITE_INTRO)
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        donor = image_input("donor-image", "Donor image (optional; default: the example scenes)")
+                        seed = gr.Slider(0, 999, value=0, step=1, label="Seed", elem_id="seed")
+                        max_pastes = gr.Slider(1, 16, value=8, step=1, label="At most this many pastes")
+                        compose_button = gr.Button("Compose", elem_id="compose-button")
+                    with gr.Column(scale=2):
+                        composites = gr.Gallery(
+                            label="Pseudo-boxes on the image above",
+                            columns=3,
+                            height=360,
+                            object_fit="contain",
+                            format="png",
+                            elem_id="composites",
+                        )
+                        composite_info = gr.Markdown(elem_id="composite-info")
         method.change(models_for, inputs=method, outputs=model, api_name=False)
         button.click(
             run, inputs=[image, model, probe, crf, flip_tta], outputs=[annotated, attention, info], api_name="segment"
         )
+        detect_button.click(
+            run_detection,
+            inputs=[detection_image, detector, threshold],
+            outputs=[detected, table, detection_info],
+            api_name="detect",
+        )
+        composite_inputs = [detection_image, donor, seed, max_pastes]
+        compose_button.click(
+            run_composite, inputs=composite_inputs, outputs=[composites, composite_info], api_name="composite"
+        )
+        seed.release(run_composite, inputs=composite_inputs, outputs=[composites, composite_info], api_name=False)
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
     return demo
 
