@@ -1,6 +1,7 @@
 """The ``hf-useg`` console script.
 
 hf-useg evaluate MODEL --dataset PATH_OR_ID --split val [--num-classes N] [--crf] [--output-dir DIR]
+    (an object detector, e.g. a fine-tuned Deformable DETR, is scored on a detection dataset with COCO and VOC07 AP)
 hf-useg demo [--output-dir DIR]
 hf-useg push MODEL_DIR REPO_ID [--private] [--token TOKEN] [--keep-card]   (or: push spaces/ REPO_ID --space)
 hf-useg convert stego CHECKPOINT OUTPUT_DIR [--backbone-name HUB_ID]
@@ -144,11 +145,179 @@ def _launched_processes() -> int:
         return 1
 
 
+def _object_detector_type(name_or_path: str) -> str | None:
+    """The ``model_type`` of ``name_or_path`` when it is an object detector (a type `AutoModelForObjectDetection`
+    loads, e.g. ``deformable_detr``), else None. Only its config.json is read (a Hub id's from the Hub or its
+    cache); a config that cannot be read here is left to the segmentation path, which reports it."""
+    path = Path(name_or_path).expanduser()
+    try:
+        if path.is_dir():
+            config_file = path / "config.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            config_file = Path(hf_hub_download(name_or_path, "config.json"))
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except Exception:  # anything unreadable here is reported by the segmentation path's loaders
+        return None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
+
+    return model_type if model_type in MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES else None
+
+
+# options of segmentation evaluation, with the value that means "not given"
+_SEGMENTATION_ONLY_OPTIONS = {
+    "num_classes": None,
+    "matching": "hungarian",
+    "crf": False,
+    "crf_workers": 0,
+    "image_column": None,
+    "label_column": None,
+}
+
+
+def _load_detection_processor(name_or_path: str, model_type: str, resolution: int | None, quiet: bool):
+    """The detector's saved image processor (its shorter side set to ``resolution`` when given); a Deformable DETR
+    saved without one gets DETR's (shorter side 800, or ``resolution``)."""
+    from transformers import AutoImageProcessor
+
+    from .detection_inference import detection_image_processor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        if model_type != "deformable_detr":
+            raise CliError(f"{name_or_path!r} has no image processor saved with it ({error})") from error
+        if not quiet:
+            print(f"note: {name_or_path} has no image processor; using Deformable DETR's", file=sys.stderr)
+        return detection_image_processor(resolution or 800)
+    if resolution is not None:
+        if "shortest_edge" not in (getattr(processor, "size", None) or {}):
+            raise CliError(f"--resolution (the shorter side) does not apply to {type(processor).__name__}")
+        detection_image_processor(resolution)  # (checks it)
+        processor.size = {"shortest_edge": resolution, "longest_edge": round(resolution * 1333 / 800)}
+    return processor
+
+
+def _check_detection_classes(config, dataset) -> list[str]:
+    """The dataset's class names, which must be the model's labels (same ids) when both name them."""
+    from .data import detection_class_names
+
+    try:
+        names = detection_class_names(dataset)
+    except ValueError:  # integer categories without names: nothing to compare
+        return []
+    labels = {int(key): str(value) for key, value in (config.id2label or {}).items()}
+    named = any(value != f"LABEL_{key}" for key, value in labels.items())
+    if named and [labels.get(index) for index in range(len(names))] != names:
+        model_names = [labels[key] for key in sorted(labels)]
+        raise CliError(
+            f"the dataset's classes {names} are not the model's {model_names} (the same names in the same order): "
+            "its category ids would not mean the model's labels"
+        )
+    return names
+
+
+def _evaluate_detector(args: argparse.Namespace, model_type: str) -> int:
+    """`cmd_evaluate` for an object detector: COCO and VOC07 AP on a detection dataset (`evaluate_detector`)."""
+    from .data import load_detection_dataset
+
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name, unset in _SEGMENTATION_ONLY_OPTIONS.items()
+        if getattr(args, name) != unset
+    ]
+    if given:
+        raise CliError(
+            f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for segmentation models only: {args.model!r} is "
+            f"an object detector ({model_type}), scored with COCO and VOC07 AP"
+        )
+    # the data first, so that its problems are reported before the model loads
+    dataset = load_detection_dataset(args.dataset, args.split, require_objects=True)
+
+    accelerator = None
+    if _launched_processes() > 1:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+    main_process = accelerator is None or accelerator.is_main_process
+
+    from transformers import AutoModelForObjectDetection
+    from transformers.utils import logging as transformers_logging
+
+    from .detection_inference import EVALUATORS, evaluate_detector
+
+    config = _load_model_config(args.model)
+    class_names = _check_detection_classes(config, dataset)
+    bars = transformers_logging.is_progress_bar_enabled()
+    if args.quiet and bars:
+        transformers_logging.disable_progress_bar()
+    try:
+        model = AutoModelForObjectDetection.from_pretrained(args.model, config=config)
+    finally:
+        if args.quiet and bars:
+            transformers_logging.enable_progress_bar()
+    if args.device:
+        model.to(args.device)
+    processor = _load_detection_processor(args.model, model_type, args.resolution, args.quiet)
+    results = evaluate_detector(
+        model,
+        dataset,
+        processor,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        accelerator=accelerator,
+        progress=not args.quiet and main_process,
+    )
+    if not main_process:
+        return 0
+    num_images = results["images"]
+    size = getattr(processor, "size", None) or {}
+    evaluation = {
+        "model": args.model,
+        "model_type": model_type,
+        "task": "object-detection",
+        "dataset": args.dataset,
+        "split": args.split,
+        "num_images": num_images,
+        "split_size": len(dataset),
+        "complete": num_images == len(dataset),
+        "class_names": class_names,
+        "protocol": {
+            "resolution": f"shorter side {size['shortest_edge']}" if "shortest_edge" in size else dict(size),
+            "detections_per_image": 100,
+            "evaluators": dict(EVALUATORS),
+        },
+        "processes": 1 if accelerator is None else accelerator.num_processes,
+    }
+    output_dir = Path(args.output_dir or Path("outputs") / "eval" / Path(args.model).name)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {"coco": results["coco"], "voc07": results["voc07"], "images": num_images, "evaluation": evaluation}
+    (output_dir / "eval_results.json").write_text(json.dumps(record, indent=2))
+    if not args.quiet:
+        lines = [f"{'evaluator':<10}{'AP':>8}{'AP50':>8}{'AP75':>8}   (percent)"]
+        for name, description in EVALUATORS.items():
+            values = "".join(f"{100 * results[name][key]:>8.2f}" for key in ("ap", "ap50", "ap75"))
+            lines.append(f"{name:<10}{values}   {description}")
+        print("\n".join(lines), file=sys.stderr)
+        if not evaluation["complete"]:
+            print(f"note: {num_images} of the {len(dataset)} images of the split (--max-images)", file=sys.stderr)
+        print(f"results: {output_dir / 'eval_results.json'}", file=sys.stderr)
+    line = {"model": args.model, "dataset": args.dataset, "split": args.split, "num_images": num_images}
+    line.update({f"{name}_{key}": results[name][key] for name in EVALUATORS for key in ("ap", "ap50", "ap75")})
+    print(json.dumps(line))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score a model on a labelled dataset; under ``accelerate launch`` the images are split over the processes
-    and only the main process writes and prints."""
+    and only the main process writes and prints. An object detector is scored on a detection dataset instead
+    (`_evaluate_detector`)."""
     from .data import load_segmentation_dataset, segmentation_metadata
 
+    detector_type = _object_detector_type(args.model)
+    if detector_type is not None:
+        return _evaluate_detector(args, detector_type)
     # `main` checked the arguments; the data next, so that its problems are reported before the model loads.
     dataset = load_segmentation_dataset(
         args.dataset,
@@ -307,7 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     evaluate = commands.add_parser(
-        "evaluate", parents=[common], help="score a model on a labelled dataset (shared protocol)"
+        "evaluate",
+        parents=[common],
+        help="score a model on a labelled dataset (shared protocol; detectors: COCO and VOC07 AP)",
+        description=(
+            "Score a segmentation model (cluster and linear probes, mIoU) on a segmentation dataset, or an object "
+            "detector (AutoModelForObjectDetection, e.g. a fine-tuned Deformable DETR) on a detection dataset with "
+            "COCO AP and DETReg's VOC07 AP. --num-classes, --matching, --crf, --crf-workers, --image-column and "
+            "--label-column are for segmentation models only."
+        ),
     )
     evaluate.add_argument("model", help="model folder or Hub id")
     evaluate.add_argument("--dataset", required=True, help="Hub id, datasets folder, Parquet, or images/labels folder")
@@ -317,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resolution",
         type=int,
         default=None,
-        help="shorter side + center crop (default: the model's processor)",
+        help="shorter side + center crop; detectors: the shorter side (default: the model's processor)",
     )
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--matching", choices=["hungarian", "majority", "none"], default="hungarian")
@@ -326,7 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-flip-tta", action="store_true", help="disable horizontal-flip test-time augmentation")
     evaluate.add_argument("--max-images", type=int, default=None)
     evaluate.add_argument("--device", default=None)
-    evaluate.add_argument("--output-dir", default=None, help="where eval_results.json and per_class_iou.csv go")
+    evaluate.add_argument(
+        "--output-dir", default=None, help="where eval_results.json (and, segmentation, per_class_iou.csv) go"
+    )
     evaluate.add_argument("--image-column", default=None, help="the dataset's image column (default: found by name)")
     evaluate.add_argument("--label-column", default=None, help="the dataset's label column (default: found by name)")
     evaluate.add_argument("--quiet", action="store_true")

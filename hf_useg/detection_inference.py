@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,7 @@ __all__ = [
     "coco_annotations",
     "detection_image_processor",
     "evaluate_detector",
+    "pad_images",
     "predict_detections",
 ]
 
@@ -96,15 +99,35 @@ class _DetectionImages(torch.utils.data.Dataset):
         }
 
 
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    height = max(item["pixel_values"].shape[1] for item in items)
-    width = max(item["pixel_values"].shape[2] for item in items)
-    pixel_values = torch.zeros(len(items), 3, height, width)
-    pixel_mask = torch.zeros(len(items), height, width, dtype=torch.long)
-    for row, item in enumerate(items):
-        _, h, w = item["pixel_values"].shape
-        pixel_values[row, :, :h, :w] = item["pixel_values"]
+def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch ``[3, h, w]`` images of different sizes as DETR does: zero-padded at the bottom and right to the largest
+    height and width, with the pixel mask (1 on image pixels, 0 on padding). Boxes stay normalised to each image's
+    own (unpadded) size: Deformable DETR's reference points are relative to the valid region the mask gives.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> pixel_values, pixel_mask = pad_images([torch.ones(3, 2, 3), torch.ones(3, 4, 1)])
+    >>> pixel_values.shape, pixel_mask.sum(dim=(1, 2)).tolist()
+    (torch.Size([2, 3, 4, 3]), [6, 4])
+    ```
+    """
+    if not images:
+        raise ValueError("pad_images needs at least one image")
+    height = max(image.shape[1] for image in images)
+    width = max(image.shape[2] for image in images)
+    pixel_values = images[0].new_zeros(len(images), images[0].shape[0], height, width)
+    pixel_mask = torch.zeros(len(images), height, width, dtype=torch.long)
+    for row, image in enumerate(images):
+        _, h, w = image.shape
+        pixel_values[row, :, :h, :w] = image
         pixel_mask[row, :h, :w] = 1
+    return pixel_values, pixel_mask
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    pixel_values, pixel_mask = pad_images([item["pixel_values"] for item in items])
     return {
         "pixel_values": pixel_values,
         "pixel_mask": pixel_mask,
@@ -117,11 +140,28 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 @torch.no_grad()
 def predict_detections(model, processor, pixel_values, pixel_mask, sizes, top_k: int = 100) -> list[dict]:
     """``[{"boxes" xyxy pixels of the original image, "scores", "labels"}]``: the top ``top_k`` (query, class)
-    pairs by sigmoid score (Deformable DETR's post-processing, no threshold)."""
-    outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask)
-    results = processor.post_process_object_detection(
-        outputs, threshold=0.0, target_sizes=[tuple(size) for size in sizes], top_k=top_k
+    pairs by sigmoid score (Deformable DETR's post-processing, no threshold).
+
+    Other `AutoModelForObjectDetection` models work too: a processor whose post-processing has no ``top_k`` (DETR's
+    one class per query) is cut to the ``top_k`` best scores here, and a model without a ``pixel_mask`` input
+    (YOLOS) gets the padded images alone (exact with batches of one image)."""
+    if "pixel_mask" in inspect.signature(model.forward).parameters:
+        outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+    else:
+        outputs = model(pixel_values=pixel_values)
+    post_process = processor.post_process_object_detection
+    with_top_k = "top_k" in inspect.signature(post_process).parameters
+    results = post_process(
+        outputs,
+        threshold=0.0,
+        target_sizes=[tuple(size) for size in sizes],
+        **({"top_k": top_k} if with_top_k else {}),
     )
+    if not with_top_k:
+        results = [
+            {key: value[result["scores"].argsort(descending=True)[:top_k]] for key, value in result.items()}
+            for result in results
+        ]
     return [{key: value.float().cpu().numpy() for key, value in result.items()} for result in results]
 
 

@@ -262,6 +262,8 @@ def generate_model_card(
 
 # detection evaluators (keys of `hf_useg.detection_inference.evaluate_detector`'s result) -> card title
 DETECTION_EVALUATORS = {"coco": "COCO AP", "voc07": "VOC07 AP (DETReg)"}
+# ... and the prefix of its metrics' names in the model-index ("COCO AP50 (%)", not "COCO AP AP50 (%)")
+_DETECTION_METRIC_PREFIX = {"coco": "COCO", "voc07": "VOC07 (DETReg)"}
 
 
 def generate_detection_model_card(
@@ -308,7 +310,7 @@ def generate_detection_model_card(
                     dataset_name=dataset_name,
                     dataset_split=protocol.get("split"),
                     metric_type=key,
-                    metric_name=f"{title} {key.split('_')[-1].upper()} (%)",
+                    metric_name=f"{_DETECTION_METRIC_PREFIX[evaluator]} {key.split('_')[-1].upper()} (%)",
                     metric_value=value,
                 )
             )

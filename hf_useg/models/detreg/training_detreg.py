@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ...augmentation import IMAGENET_MEAN, IMAGENET_STD
+from ...detection_inference import pad_images
 from ...file_utils import atomic_file
 from ...training.checkpointing import save_model_folder
 from ...training.recipe import (
@@ -223,14 +224,7 @@ def _normalized_cxcywh(boxes: np.ndarray, height: int, width: int) -> np.ndarray
 
 def collate_pretraining_items(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Pad the images of a batch to a common size (with DETR's pixel mask); boxes and crops stay per image."""
-    height = max(item["pixel_values"].shape[1] for item in items)
-    width = max(item["pixel_values"].shape[2] for item in items)
-    pixel_values = torch.zeros(len(items), 3, height, width)
-    pixel_mask = torch.zeros(len(items), height, width, dtype=torch.long)
-    for row, item in enumerate(items):
-        _, h, w = item["pixel_values"].shape
-        pixel_values[row, :, :h, :w] = item["pixel_values"]
-        pixel_mask[row, :h, :w] = 1
+    pixel_values, pixel_mask = pad_images([item["pixel_values"] for item in items])
     return {
         "pixel_values": pixel_values,
         "pixel_mask": pixel_mask,
@@ -240,6 +234,22 @@ def collate_pretraining_items(items: list[dict[str, Any]]) -> dict[str, Any]:
         ],
         "box_crops": [item["crops"] for item in items],
     }
+
+
+def learning_rate_factor(recipe: Recipe, step: int) -> float:
+    """0.1 from the optimizer step ``recipe.options.lr_drop_epochs`` epochs in on, else 1 (DETR's step drop).
+
+    An epoch is the loop's: the training items cut into batches of ``batch_size`` per process, accumulated
+    ``gradient_accumulation_steps`` times; `Recipe.default_max_steps` is told it only when ``max_steps`` is not
+    given, so it is derived here otherwise."""
+    drop = recipe.options.lr_drop_epochs
+    if drop is None:
+        return 1.0
+    steps_per_epoch = getattr(recipe, "steps_per_epoch", None)
+    if steps_per_epoch is None:
+        batches = recipe.num_train_items // (recipe.options.batch_size * recipe.run.accelerator.num_processes)
+        steps_per_epoch = max(1, batches // recipe.args.gradient_accumulation_steps)
+    return 0.1 if step >= round(drop * steps_per_epoch) else 1.0
 
 
 class CutMixDetregRecipe(Recipe):
@@ -300,13 +310,12 @@ class CutMixDetregRecipe(Recipe):
     def setup(self, model, run) -> None:
         super().setup(model, run)
         self.unwrapped_crop_size = model.config.object_crop_size
+        if self.options.box_source == "cutmix" and len(run.train_set) < 2:  # (also after max_train_images)
+            raise ValueError("cutmix pseudo-boxes paste other images: the training set needs at least 2 images")
 
     def before_optimizer_step(self, model, optimizer, step: int) -> None:
-        drop = self.options.lr_drop_epochs
-        steps_per_epoch = getattr(self, "steps_per_epoch", None)
-        dropped = drop is not None and steps_per_epoch is not None and step >= round(drop * steps_per_epoch)
         for group in optimizer.param_groups:
-            group["lr"] = self.options.learning_rate * (0.1 if dropped else 1.0)
+            group["lr"] = self.options.learning_rate * learning_rate_factor(self, step)
 
     def training_step(self, model, batch) -> TrainingStepOutput:
         outputs = model(**batch)

@@ -37,7 +37,7 @@ from ...training.recipe import (
     step_generator,
 )
 from .modeling_detreg import init_deformable_detr_heads
-from .training_detreg import PRETRAINING_INFO, detector_config_kwargs
+from .training_detreg import PRETRAINING_INFO, detector_config_kwargs, learning_rate_factor
 
 logger = logging.getLogger(__name__)
 
@@ -121,17 +121,22 @@ class DetectionFinetuningOptions(RecipeOptions):
 
 class _FinetuningBatches:
     """Collate of a fine-tuning batch: a random horizontal flip per image (drawn from the step's generator),
-    then Deformable DETR's processor (resize, normalise, boxes to normalised cxcywh), padded with a pixel mask."""
+    then Deformable DETR's processor (resize, normalise, boxes to normalised cxcywh) image by image, padded with a
+    pixel mask (`pad_images`).
+
+    Each image goes through the processor alone: given a batch, transformers' processor pads it and renormalises
+    the boxes to the padded canvas, whereas the model predicts (and evaluation and pretraining read) boxes relative
+    to each image's unpadded region."""
 
     def __init__(self, processor, horizontal_flip: float):
         self.processor, self.horizontal_flip = processor, horizontal_flip
 
     def __call__(self, keyed_items: list) -> dict[str, Any]:
-        from ...detection_inference import coco_annotations
+        from ...detection_inference import coco_annotations, pad_images
 
         generator = step_generator(keyed_items[0][0])
         flips = torch.rand(len(keyed_items), generator=generator) < self.horizontal_flip
-        images, annotations = [], []
+        images, labels = [], []
         for (key, example), flip in zip(keyed_items, flips.tolist()):
             image = np.asarray(example["image"].convert("RGB"))
             annotation = coco_annotations(example, image_id=key.index)
@@ -140,11 +145,12 @@ class _FinetuningBatches:
                 for box in annotation["annotations"]:
                     x, y, w, h = box["bbox"]
                     box["bbox"] = [image.shape[1] - x - w, y, w, h]
-            images.append(image)
-            annotations.append(annotation)
-        encoded = self.processor(images=images, annotations=annotations, return_tensors="pt")
-        labels = [{"class_labels": item["class_labels"], "boxes": item["boxes"]} for item in encoded["labels"]]
-        return {"pixel_values": encoded["pixel_values"], "pixel_mask": encoded["pixel_mask"], "labels": labels}
+            encoded = self.processor(images=[image], annotations=[annotation], do_pad=False, return_tensors="pt")
+            images.append(encoded["pixel_values"][0])
+            target = encoded["labels"][0]
+            labels.append({"class_labels": target["class_labels"], "boxes": target["boxes"]})
+        pixel_values, pixel_mask = pad_images(images)
+        return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": labels}
 
 
 class DetectionFinetuningRecipe(Recipe):
@@ -214,12 +220,19 @@ class DetectionFinetuningRecipe(Recipe):
         model, info = DeformableDetrForObjectDetection.from_pretrained(
             path, num_labels=num_classes, ignore_mismatched_sizes=True, output_loading_info=True, **labels
         )
-        unexpected = [key for key in info["missing_keys"] if not key.startswith("class_embed.")]
-        if unexpected or info["unexpected_keys"] or info["mismatched_keys"]:
+        # the class head may be new (missing from a pretraining `detector` folder, or of another size in a
+        # fine-tuned detector's); any other difference means the folder is not this architecture's weights
+        missing = sorted(key for key in info["missing_keys"] if not key.startswith("class_embed."))
+        unexpected = sorted(info["unexpected_keys"])
+        mismatched = sorted(
+            key
+            for key in (item[0] if isinstance(item, tuple) else item for item in info["mismatched_keys"])
+            if not key.startswith("class_embed.")
+        )
+        if missing or unexpected or mismatched:
             raise ValueError(
-                f"{source}: the pretrained detector does not match (missing {unexpected[:5]}, unexpected "
-                f"{info['unexpected_keys'][:5]}, mismatched {info['mismatched_keys'][:5]}); only the class head "
-                "may be new"
+                f"pretrained_detector {source!r}: its weights do not match its config.json (missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, mismatched {mismatched[:5]}); only the class head may be new"
             )
         init_deformable_detr_heads(model, box_heads=False)  # the new class head starts at probability 0.01
         pretraining = path / PRETRAINING_INFO
@@ -261,11 +274,9 @@ class DetectionFinetuningRecipe(Recipe):
         )
 
     def before_optimizer_step(self, model, optimizer, step: int) -> None:
-        drop = self.options.lr_drop_epochs
-        steps_per_epoch = getattr(self, "steps_per_epoch", None)
-        dropped = drop is not None and steps_per_epoch is not None and step >= round(drop * steps_per_epoch)
+        factor = learning_rate_factor(self, step)
         for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * (0.1 if dropped else 1.0)
+            group["lr"] = group["base_lr"] * factor
 
     def training_step(self, model, batch) -> TrainingStepOutput:
         outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
