@@ -179,6 +179,55 @@ def test_unevaluated_fitted_model_gets_a_valid_card(tmp_path):
     assert "DinoForUnsupervisedSegmentation.from_pretrained" in str(card)
 
 
+def test_kmeans_card_names_its_backbone_and_has_a_sane_title():
+    random_backbone = "random-vit-tiny (randomly initialised ViT)"
+    config = DinoSegmentationConfig(backbone_config=_tiny_backbone(), num_clusters=3, backbone_name=random_backbone)
+    results = {"cluster": {"accuracy": 0.5, "mean_iou": 0.25}}
+    card = generate_model_card(config, summary={"backbone": random_backbone, "dataset": "synthetic"}, results=results)
+    text = str(card)
+    assert "DINO backbone" not in text and "dino_segmentation-segmentation" not in text
+    assert f"cosine k-means over the frozen patch features of {random_backbone}." in text
+    assert "\n# DINO-feature k-means on generated synthetic scenes (not real data)\n" in text
+    assert validate_model_card(card).model_name == "dino-kmeans-synthetic-scenes"
+    # a pretrained backbone is named (and linked) the same way; a repository names the model
+    config.backbone_name = "facebook/dino-vits8"
+    card = generate_model_card(config, results=results, repo_id="tester/km-coco")
+    assert "the frozen patch features of facebook/dino-vits8." in str(card)
+    assert "\n# DINO-feature k-means — km-coco\n" in str(card) and card.data.model_name == "km-coco"
+    # nothing known about the data: the method's name alone
+    card = generate_model_card(config)
+    assert "\n# DINO-feature k-means\n" in str(card) and card.data.model_name == "dino-kmeans"
+    stego_config = StegoConfig(backbone_config=_tiny_backbone(), dim=8, num_classes=2, backbone_name=None)
+    stego = generate_model_card(stego_config, summary={"backbone": random_backbone})
+    assert f"trained on the frozen features of {random_backbone} by distilling" in str(stego)
+
+
+def test_card_embeds_the_confusion_figure_and_per_class_table(tmp_path):
+    from hf_useg.evaluation import hungarian_assignment, scores_from_confusion
+    from hf_useg.inference import write_evaluation_report
+    from hf_useg.report import CONFUSION_FIGURE, write_confusion_figure
+
+    model = DinoForUnsupervisedSegmentation(DinoSegmentationConfig(backbone_config=_tiny_backbone(), num_clusters=3))
+    model.save_pretrained(tmp_path)
+    confusion = [[0, 40, 0], [30, 10, 0], [0, 0, 0]]  # class 2 in neither labels nor predictions: IoU undefined
+    results = {"cluster": scores_from_confusion(confusion, hungarian_assignment(confusion))}
+    class_names = ["road", "sky", "car"]
+    write_evaluation_report(results, tmp_path, class_names)
+    card = model_card_from_folder(tmp_path)
+    assert CONFUSION_FIGURE not in str(card)  # no figure saved: no link
+    write_confusion_figure(results, class_names, tmp_path / CONFUSION_FIGURE)
+    card = model_card_from_folder(tmp_path)
+    validate_model_card(card)
+    text = str(card)
+    assert re.search(r"!\[Confusion matrix [^\]]*\]\(confusion_matrix\.png\)", text)
+    assert "<summary>Per-class IoU</summary>" in text
+    table = text.split("<summary>Per-class IoU</summary>", 1)[1].split("</details>", 1)[0]
+    assert re.search(r"road +75\.0%", table) and re.search(r"sky +80\.0%", table) and re.search(r"car +-", table)
+    # without a folder: the table from the results and the class names, the figure as given
+    card = generate_model_card(model, results=results, class_names=class_names, confusion_figure="cm.png")
+    assert "](cm.png)" in str(card) and re.search(r"road +75\.0%", str(card))
+
+
 @pytest.mark.parametrize(
     "results, message",
     [

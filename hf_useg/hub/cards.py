@@ -26,6 +26,7 @@ from huggingface_hub.repocard import RepoCard
 from ..registry import method_for_model_type
 
 __all__ = [
+    "CONFUSION_FIGURE",
     "card_eval_results",
     "generate_detection_model_card",
     "generate_model_card",
@@ -57,6 +58,14 @@ _PROTOCOL_ROWS = (
     ("precision", "mixed precision"),
     ("split", "evaluation split"),
 )
+# the confusion-matrix figure saved beside the weights (`hf_useg.report.write_confusion_figure`), which the card embeds
+CONFUSION_FIGURE = "confusion_matrix.png"
+# method -> its card description naming the actual backbone (the registry's sentence assumes a DINO backbone)
+_BACKBONE_DESCRIPTIONS = {
+    "dino_kmeans": "Zero-training baseline: cosine k-means over the frozen patch features of {backbone}.",
+    "stego": "A segmentation head trained on the frozen features of {backbone} by distilling their "
+    "feature correspondences (no labels); segments are found by clustering the learned code.",
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]*[A-Za-z0-9]$")
 _SYNTHETIC_DATASET = ("synthetic-scenes", "generated synthetic scenes (not real data)")
 
@@ -118,6 +127,29 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def _method_description(spec: Any, backbone: str | None) -> str:
+    """The card's one-sentence description of the method, naming the backbone it was actually run on."""
+    if spec is None:
+        return "Unsupervised semantic segmentation model."
+    if backbone and spec.name in _BACKBONE_DESCRIPTIONS:
+        return _BACKBONE_DESCRIPTIONS[spec.name].format(backbone=backbone)
+    return spec.description
+
+
+def _per_class_table(results: Mapping[str, Mapping[str, Any]], class_names: Sequence[str]) -> str | None:
+    """`hf_useg.inference.format_per_class_table` of the probes that carry per-class IoU (JSON nulls are NaN)."""
+    from ..inference import format_per_class_table
+
+    table_results = {}
+    for probe, values in results.items():
+        if probe in PROBES and isinstance(values, Mapping) and values.get("per_class_iou") is not None:
+            per_class = [math.nan if value is None else float(value) for value in values["per_class_iou"]]
+            if len(per_class) != len(class_names):
+                return None
+            table_results[probe] = {**values, "per_class_iou": per_class}
+    return format_per_class_table(table_results, list(class_names)) if table_results else None
+
+
 def _format_protocol_value(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -135,6 +167,7 @@ def generate_model_card(
     base_model: str | None = None,
     model_name: str | None = None,
     license: str = "apache-2.0",
+    confusion_figure: str | None = None,
 ) -> ModelCard:
     """A `huggingface_hub.ModelCard` for a trained, fitted or converted model, with its evaluation results.
 
@@ -151,6 +184,12 @@ def generate_model_card(
         dataset_id: the Hub id of the training/evaluation data when the summary names a local copy.
         base_model: the backbone's Hub id; by default the summary's ``backbone`` (or ``config.backbone_name``)
             when it is a Hub id (random and local backbones are described in the text only).
+        model_name: the model-index name; default: the last part of ``repo_id``, else ``<method>-<dataset>``.
+        confusion_figure: the file name, relative to the card, of the model's confusion-matrix figure
+            (`hf_useg.report.write_confusion_figure`, saved beside the weights as [`CONFUSION_FIGURE`]) to embed.
+
+    The per-class IoU table is the summary's ``per_class_table``, else built from the results' ``per_class_iou``
+    when ``class_names`` are given.
 
     Raises:
         ValueError: for results that are not fractions in [0, 1] or lack ``accuracy``/``mean_iou``.
@@ -172,13 +211,18 @@ def generate_model_card(
     config, class_name = _config_of(model)
     model_type = config.model_type
     spec = method_for_model_type(model_type)
-    if spec is not None:
-        method_name, reference, description = spec.display_name, spec.paper, spec.description
-    else:
-        method_name, reference, description = model_type, "", "Unsupervised semantic segmentation model."
+    backbone = summary.get("backbone") or getattr(config, "backbone_name", None)
+    method_name = spec.display_name if spec is not None else model_type
+    reference = spec.paper if spec is not None else ""
+    description = _method_description(spec, backbone)
     dataset_type, dataset_name, hub_dataset = _dataset_fields(summary.get("dataset"), dataset_id)
-    if model_name is None:
-        model_name = repo_id.split("/")[-1] if repo_id else f"{model_type}-segmentation"
+    if model_name is not None or repo_id:
+        model_name = model_name or repo_id.split("/")[-1]
+        model_title = f"{method_name} — {model_name}"
+    else:
+        slug = (spec.name if spec is not None else model_type).replace("_", "-")
+        model_name = slug if dataset_type == "unknown" else f"{slug}-{dataset_type}"
+        model_title = method_name if dataset_type == "unknown" else f"{method_name} on {dataset_name}"
     protocol = dict(summary.get("eval_protocol") or {})
 
     eval_results: list[EvalResult] = []
@@ -211,7 +255,6 @@ def generate_model_card(
             )
         result_rows.append(row)
 
-    backbone = summary.get("backbone") or getattr(config, "backbone_name", None)
     if base_model is None and _looks_like_hub_id(backbone):
         base_model = backbone
     tags = ["unsupervised-semantic-segmentation", "semantic-segmentation", model_type, LIBRARY_NAME]
@@ -239,7 +282,7 @@ def generate_model_card(
     return ModelCard.from_template(
         card_data,
         template_str=template,
-        model_title=f"{method_name} — {model_name}",
+        model_title=model_title,
         method_name=method_name,
         method_reference=reference,
         method_summary=description,
@@ -250,7 +293,9 @@ def generate_model_card(
         notes=summary.get("notes"),
         results_table=_markdown_table(["probe", "pixel accuracy (%)", "mIoU (%)"], result_rows) if result_rows else "",
         protocol_table=_markdown_table(["setting", "value"], protocol_rows) if protocol_rows else "",
-        per_class_table=summary.get("per_class_table"),
+        per_class_table=summary.get("per_class_table")
+        or (_per_class_table(results, class_names) if results and class_names else None),
+        confusion_figure=confusion_figure,
         segment_names=", ".join(segment_names),
         num_segments=len(segment_names),
         class_names=", ".join(str(name) for name in class_names) if class_names else None,
@@ -351,6 +396,17 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
 
 
+def _csv_class_names(path: Path) -> list[str] | None:
+    """The class names of a ``per_class_iou.csv`` (`hf_useg.inference.write_evaluation_report`), if any."""
+    import csv
+
+    if not path.is_file():
+        return None
+    with path.open(newline="") as file:
+        names = [row["class_name"] for row in csv.DictReader(file) if row.get("class_name")]
+    return names or None
+
+
 def model_card_from_folder(
     folder: str | os.PathLike,
     *,
@@ -360,8 +416,9 @@ def model_card_from_folder(
     license: str = "apache-2.0",
 ) -> ModelCard:
     """The card of a saved model folder: its ``config.json``, and when present ``training_summary.json`` (method,
-    backbone, data, protocol) and ``eval_results.json`` (the measured numbers) as written by training or
-    ``hf-useg evaluate --output-dir <folder>``.
+    backbone, data, protocol), ``eval_results.json`` (the measured numbers) and ``per_class_iou.csv`` (the class
+    names) as written by training or ``hf-useg evaluate --output-dir <folder>``, and the confusion-matrix figure
+    [`CONFUSION_FIGURE`] (embedded by a relative link, so it is pushed with the card).
 
     Example:
 
@@ -380,10 +437,14 @@ def model_card_from_folder(
     config = AutoConfig.from_pretrained(folder)
     summary = _read_json(folder / "training_summary.json") if (folder / "training_summary.json").is_file() else {}
     results = _read_json(folder / "eval_results.json") if (folder / "eval_results.json").is_file() else None
+    if isinstance(results, dict):
+        results.pop("evaluation", None)  # what `hf-useg evaluate` evaluated, beside the result sets
     return generate_model_card(
         config,
         summary=summary,
         results=results,
+        class_names=_csv_class_names(folder / "per_class_iou.csv"),
+        confusion_figure=CONFUSION_FIGURE if (folder / CONFUSION_FIGURE).is_file() else None,
         repo_id=repo_id,
         dataset_id=dataset_id,
         base_model=base_model,
