@@ -40,7 +40,15 @@ from ...training.recipe import (
 )
 from .configuration_detreg import BOX_SOURCES, DETREG_DETECTOR_KWARGS, CutMixDetregConfig
 
-__all__ = ["CutMixDetregRecipe", "CutMixDetregTrainingOptions", "DetregPretrainingItems", "detector_config_kwargs"]
+__all__ = [
+    "CutMixDetregRecipe",
+    "CutMixDetregTrainingOptions",
+    "DetrScheduleOptions",
+    "DetrScheduleRecipe",
+    "DetregPretrainingItems",
+    "detector_config_kwargs",
+    "learning_rate_factor",
+]
 
 PRETRAINING_INFO = "hf_useg_pretraining.json"  # beside the exported detector: how it was pretrained
 
@@ -61,10 +69,38 @@ def detector_config_kwargs(backbone_config, overrides: dict[str, Any] | None = N
 
 
 @dataclass
-class CutMixDetregTrainingOptions(RecipeOptions):
-    """Pretraining settings; defaults are DETReg's (AdamW 2e-4, weight decay 1e-4, batch 4 per GPU, 50 epochs on
-    ImageNet-100 with a 10x learning-rate drop after 40, shorter side 800 capped at 1333; frozen backbone). Clip the
-    gradient norm at 0.1 with ``max_grad_norm: 0.1`` (a `TrainingArguments` field).
+class DetrScheduleOptions(RecipeOptions):
+    """What DETR-style training (pretraining and fine-tuning) shares: batch 4 per GPU, the shorter image side at
+    800 (the longer capped at 1333), AdamW 2e-4 with weight decay 1e-4, 50 epochs with a 10x learning-rate drop
+    after 40, horizontal flips. Clip the gradient norm at 0.1 with ``max_grad_norm: 0.1`` (a `TrainingArguments`
+    field).
+
+    Attributes:
+        epochs, lr_drop_epochs: the length when ``max_steps`` is not given, and when the learning rate drops 10x
+            (None: never).
+        horizontal_flip: the probability of flipping an image (and its boxes).
+    """
+
+    batch_size: int = 4
+    resolution: int = 800
+    epochs: float = 50.0
+    lr_drop_epochs: float | None = 40.0
+    learning_rate: float = 2e-4
+    weight_decay: float = 1e-4
+    horizontal_flip: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.horizontal_flip <= 1.0:
+            raise ValueError(f"horizontal_flip must be a probability in [0, 1], got {self.horizontal_flip}")
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+
+
+@dataclass
+class CutMixDetregTrainingOptions(DetrScheduleOptions):
+    """Pretraining settings; defaults are DETReg's (`DetrScheduleOptions`' schedule: 50 epochs on ImageNet-100;
+    frozen backbone).
 
     Attributes:
         box_source: ``cutmix``, ``random`` or ``selective_search`` (recorded in the model config).
@@ -75,13 +111,8 @@ class CutMixDetregTrainingOptions(RecipeOptions):
         donor_images: other training images a CutMix composite takes its pastes from (each paste picks one; fewer
             images to decode per item than one per paste).
         selective_search_boxes: boxes kept per image (DETReg: the top 30).
-        resolution: the shorter image side (the longer capped at ``resolution * 1333 / 800``).
-        epochs, lr_drop_epochs: the length when ``max_steps`` is not given, and when the learning rate drops 10x.
-        horizontal_flip: the probability of flipping an image (and its boxes).
     """
 
-    batch_size: int = 4
-    resolution: int = 800
     box_source: str = "cutmix"
     max_boxes: int = 8
     area_range: tuple[float, float] = (0.02, 0.5)
@@ -90,11 +121,6 @@ class CutMixDetregTrainingOptions(RecipeOptions):
     feather: int = 0
     selective_search_boxes: int = 30
     donor_images: int = 3
-    epochs: float = 50.0
-    lr_drop_epochs: float | None = 40.0
-    learning_rate: float = 2e-4
-    weight_decay: float = 1e-4
-    horizontal_flip: float = 0.5
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {"imagenet100": {}}
 
@@ -108,10 +134,6 @@ class CutMixDetregTrainingOptions(RecipeOptions):
         self.aspect_range = _check_range("aspect_range", self.aspect_range)
         if not 0.0 < self.occlusion_threshold <= 1.0:
             raise ValueError(f"occlusion_threshold must be in (0, 1], got {self.occlusion_threshold}")
-        if not 0.0 <= self.horizontal_flip <= 1.0:
-            raise ValueError(f"horizontal_flip must be a probability in [0, 1], got {self.horizontal_flip}")
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
 
 
 def _check_range(name: str, value, upper: float | None = None) -> tuple[float, float]:
@@ -252,7 +274,26 @@ def learning_rate_factor(recipe: Recipe, step: int) -> float:
     return 0.1 if step >= round(drop * steps_per_epoch) else 1.0
 
 
-class CutMixDetregRecipe(Recipe):
+class DetrScheduleRecipe(Recipe):
+    """What DETR-style recipes share: the length in epochs, the step learning-rate drop applied to every parameter
+    group's ``base_lr``, and no segmentation processors."""
+
+    options_class = DetrScheduleOptions
+
+    def processors(self, model) -> tuple[Any, Any]:
+        return None, None
+
+    def default_max_steps(self, steps_per_epoch: int) -> int:
+        self.steps_per_epoch = steps_per_epoch
+        return max(1, round(self.options.epochs * steps_per_epoch))
+
+    def before_optimizer_step(self, model, optimizer, step: int) -> None:
+        factor = learning_rate_factor(self, step)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
+
+class CutMixDetregRecipe(DetrScheduleRecipe):
     """DETReg pretraining with CutMix / random / Selective Search pseudo-boxes (see the module docstring)."""
 
     options_class = CutMixDetregTrainingOptions
@@ -290,16 +331,11 @@ class CutMixDetregRecipe(Recipe):
             model.init_object_encoder_from_detector_backbone()
         return model, description
 
-    def processors(self, model) -> tuple[Any, Any]:
-        return None, None
-
-    def default_max_steps(self, steps_per_epoch: int) -> int:
-        self.steps_per_epoch = steps_per_epoch
-        return max(1, round(self.options.epochs * steps_per_epoch))
-
     def make_optimizer(self, model) -> torch.optim.Optimizer:
+        options = self.options
         parameters = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(parameters, lr=self.options.learning_rate, weight_decay=self.options.weight_decay)
+        group = {"params": parameters, "lr": options.learning_rate, "base_lr": options.learning_rate}
+        return torch.optim.AdamW([group], lr=options.learning_rate, weight_decay=options.weight_decay)
 
     def train_dataloader(self, batches: StepBatchSampler) -> DataLoader:
         items = DetregPretrainingItems(self.run.train_set, self.options, self.unwrapped_crop_size)
@@ -312,10 +348,6 @@ class CutMixDetregRecipe(Recipe):
         self.unwrapped_crop_size = model.config.object_crop_size
         if self.options.box_source == "cutmix" and len(run.train_set) < 2:  # (also after max_train_images)
             raise ValueError("cutmix pseudo-boxes paste other images: the training set needs at least 2 images")
-
-    def before_optimizer_step(self, model, optimizer, step: int) -> None:
-        for group in optimizer.param_groups:
-            group["lr"] = self.options.learning_rate * learning_rate_factor(self, step)
 
     def training_step(self, model, batch) -> TrainingStepOutput:
         outputs = model(**batch)

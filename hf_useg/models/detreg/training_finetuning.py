@@ -29,15 +29,13 @@ from torch.utils.data import DataLoader
 from ...training.recipe import (
     Evaluation,
     ItemsByBatchIndex,
-    Recipe,
-    RecipeOptions,
     StepBatchSampler,
     TrainingData,
     TrainingStepOutput,
     step_generator,
 )
 from .modeling_detreg import init_deformable_detr_heads
-from .training_detreg import PRETRAINING_INFO, detector_config_kwargs, learning_rate_factor
+from .training_detreg import PRETRAINING_INFO, DetrScheduleOptions, DetrScheduleRecipe, detector_config_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -72,33 +70,24 @@ def weighted_detection_loss(loss_dict: dict[str, torch.Tensor], weights: dict[st
 
 
 @dataclass
-class DetectionFinetuningOptions(RecipeOptions):
-    """Fine-tuning settings; defaults are Deformable DETR's / DETReg's fine-tuning (AdamW 2e-4, backbone 2e-5,
-    weight decay 1e-4, 50 epochs with a 10x learning-rate drop after 40, batch 4 per GPU, shorter side 800, flips).
-    Clip the gradient norm at 0.1 with ``max_grad_norm: 0.1`` (a `TrainingArguments` field).
+class DetectionFinetuningOptions(DetrScheduleOptions):
+    """Fine-tuning settings; defaults are Deformable DETR's / DETReg's fine-tuning (`DetrScheduleOptions`' schedule,
+    the backbone at 2e-5).
 
     Attributes:
         pretrained_detector: the ``detector`` folder written by CutMix-DETReg pretraining (``--method
             cutmix_detreg``); None trains the detector's transformer from scratch on ``--backbone``.
-        epochs: the length when ``max_steps`` is not given; lr_drop_epochs: when the learning rate drops 10x.
         resolution / eval_resolution: the shorter image side in training / evaluation (DETR's 800).
-        horizontal_flip: the probability of a horizontal flip of a training image.
+        backbone_learning_rate: the backbone's learning rate (the rest takes ``learning_rate``).
         class_loss_weight, bbox_loss_weight, giou_loss_weight: the loss weights (Deformable DETR's 2 / 5 / 2).
         score: the validation number that picks ``best/`` (one of ``voc07_ap``, ``voc07_ap50``, ``coco_ap``,
             ``coco_ap50``).
     """
 
-    batch_size: int = 4
-    resolution: int = 800
     eval_resolution: int = 800
     val_every: int | None = None
     pretrained_detector: str | None = None
-    epochs: float = 50.0
-    lr_drop_epochs: float | None = 40.0
-    learning_rate: float = 2e-4
     backbone_learning_rate: float = 2e-5
-    weight_decay: float = 1e-4
-    horizontal_flip: float = 0.5
     class_loss_weight: float = 2.0
     bbox_loss_weight: float = 5.0
     giou_loss_weight: float = 2.0
@@ -113,10 +102,6 @@ class DetectionFinetuningOptions(RecipeOptions):
         super().__post_init__()
         if self.score not in _SCORES:
             raise ValueError(f"score must be one of {_SCORES}, got {self.score!r}")
-        if not 0.0 <= self.horizontal_flip <= 1.0:
-            raise ValueError(f"horizontal_flip must be a probability in [0, 1], got {self.horizontal_flip}")
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
 
 
 class _FinetuningBatches:
@@ -153,7 +138,7 @@ class _FinetuningBatches:
         return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": labels}
 
 
-class DetectionFinetuningRecipe(Recipe):
+class DetectionFinetuningRecipe(DetrScheduleRecipe):
     """Supervised fine-tuning of `DeformableDetrForObjectDetection` on a detection dataset (see the module)."""
 
     options_class = DetectionFinetuningOptions
@@ -251,10 +236,6 @@ class DetectionFinetuningRecipe(Recipe):
 
     # -- training -----------------------------------------------------------------------------------------------
 
-    def default_max_steps(self, steps_per_epoch: int) -> int:
-        self.steps_per_epoch = steps_per_epoch
-        return max(1, round(self.options.epochs * steps_per_epoch))
-
     def make_optimizer(self, model) -> torch.optim.Optimizer:
         options = self.options
         backbone = [p for n, p in model.named_parameters() if p.requires_grad and ".backbone." in f".{n}"]
@@ -272,11 +253,6 @@ class DetectionFinetuningRecipe(Recipe):
             num_workers=self.args.num_workers,
             collate_fn=_FinetuningBatches(self.run.train_processor, self.options.horizontal_flip),
         )
-
-    def before_optimizer_step(self, model, optimizer, step: int) -> None:
-        factor = learning_rate_factor(self, step)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
 
     def training_step(self, model, batch) -> TrainingStepOutput:
         outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
