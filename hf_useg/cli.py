@@ -21,6 +21,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 
 class CliError(Exception):
@@ -128,13 +129,15 @@ def _check_evaluate_arguments(args: argparse.Namespace) -> None:
         ("batch_size", 1),
         ("max_images", 1),
         ("crf_workers", 0),
+        ("report_examples", 1),
     ):
         value = getattr(args, option)
         if value is not None and value < minimum:
             raise CliError(f"--{option.replace('_', '-')} must be at least {minimum}, got {value}")
     if _launched_processes() > 1 and args.device:
         raise CliError("--device does not apply under accelerate launch (each process uses its own device)")
-    _check_model_argument(args.model)
+    for model in getattr(args, "models", None) or [args.model]:
+        _check_model_argument(model)
 
 
 def _launched_processes() -> int:
@@ -309,16 +312,11 @@ def _evaluate_detector(args: argparse.Namespace, model_type: str) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score a model on a labelled dataset; under ``accelerate launch`` the images are split over the processes
-    and only the main process writes and prints. An object detector is scored on a detection dataset instead
-    (`_evaluate_detector`)."""
+def _segmentation_data(args: argparse.Namespace, model_path: str | None = None) -> tuple[Any, int, list[str]]:
+    """``(dataset, num_classes, class_names)`` of ``--dataset``/``--split`` for scoring segmentation models;
+    ``--num-classes``, the dataset's metadata or the config of ``model_path`` name the classes."""
     from .data import load_segmentation_dataset, segmentation_metadata
 
-    detector_type = _object_detector_type(args.model)
-    if detector_type is not None:
-        return _evaluate_detector(args, detector_type)
-    # `main` checked the arguments; the data next, so that its problems are reported before the model loads.
     dataset = load_segmentation_dataset(
         args.dataset,
         args.split,
@@ -328,16 +326,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         require_labels=True,
     )
     metadata = segmentation_metadata(dataset)
-    config = _load_model_config(args.model)
     num_classes = args.num_classes or metadata.get("num_classes")
     class_names = metadata.get("class_names")
     if num_classes is None:
+        config = _load_model_config(model_path) if model_path and not class_names else None
         num_classes = len(class_names) if class_names else getattr(config, "num_classes", None)
         if not num_classes:
             raise CliError(f"--num-classes is required: neither the dataset {args.dataset!r} nor the model names it")
     if not class_names or len(class_names) < num_classes:
         class_names = [f"class_{i}" for i in range(num_classes)]
-    class_names = list(class_names)[:num_classes]
+    return dataset, num_classes, list(class_names)[:num_classes]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a model on a labelled dataset; under ``accelerate launch`` the images are split over the processes
+    and only the main process writes and prints. An object detector is scored on a detection dataset instead
+    (`_evaluate_detector`)."""
+    detector_type = _object_detector_type(args.model)
+    if detector_type is not None:
+        if args.report:
+            raise CliError("--report is for segmentation models; a detector's results are in eval_results.json")
+        return _evaluate_detector(args, detector_type)
+    # `main` checked the arguments; the data next, so that its problems are reported before the model loads.
+    dataset, num_classes, class_names = _segmentation_data(args, args.model)
+    config = _load_model_config(args.model)
 
     accelerator = None
     if _launched_processes() > 1:
@@ -400,7 +412,79 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "num_images": num_images,
         **summarize(results),
     }
+    if args.report:
+        from .report import ModelReport, describe_model, model_display_name, predict_examples, write_comparison_report
+
+        examples = predict_examples(
+            model, dataset, processor, num_classes, num_examples=args.report_examples, flip_tta=not args.no_flip_tta
+        )
+        report = ModelReport(
+            name=model_display_name(args.model),
+            **describe_model(model, args.model),
+            results=results,
+            protocol=_protocol(processor, args, num_images),
+            examples=examples,
+        )
+        path = write_comparison_report(
+            [report], args.report, class_names=class_names, protocol={"dataset": args.dataset, "split": args.split}
+        )
+        if not args.quiet:
+            print(f"report: {path}", file=sys.stderr)
     print(json.dumps(line))
+    return 0
+
+
+def _protocol(processor, args: argparse.Namespace, num_images: int) -> dict[str, Any]:
+    from .report import evaluation_protocol
+
+    return evaluation_protocol(
+        processor, flip_tta=not args.no_flip_tta, crf=args.crf, matching=args.matching, num_images=num_images
+    )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Evaluate several segmentation models on one split with the shared protocol and write a report folder
+    (report.md, report.html, figures, results.json)."""
+    from .report import evaluate_for_report, model_display_name, write_comparison_report
+
+    for model_path in args.models:
+        if _object_detector_type(model_path) is not None:
+            raise CliError(f"{model_path} is an object detector: compare takes segmentation models")
+    dataset, num_classes, class_names = _segmentation_data(args)
+    names = [model_display_name(path) for path in args.models]
+    if len(set(names)) != len(names):
+        names = [str(path) for path in args.models]
+    reports = []
+    for model_path, name in zip(args.models, names):
+        config = _load_model_config(model_path)
+        model = _load_model(model_path, config, quiet=args.quiet)
+        if args.device:
+            model.to(args.device)
+        processor = _load_processor(model_path, args.resolution)
+        if not args.quiet:
+            print(f"evaluating {name}", file=sys.stderr)
+        reports.append(
+            evaluate_for_report(
+                model,
+                dataset,
+                processor,
+                num_classes,
+                name=name,
+                model_path=model_path,
+                batch_size=args.batch_size,
+                flip_tta=not args.no_flip_tta,
+                crf=args.crf,
+                crf_workers=args.crf_workers,
+                matching=args.matching,
+                max_images=args.max_images,
+                num_examples=args.report_examples,
+                progress=not args.quiet,
+            )
+        )
+    path = write_comparison_report(
+        reports, args.output_dir, class_names=class_names, protocol={"dataset": args.dataset, "split": args.split}
+    )
+    print(json.dumps({"report": str(path), "models": names}))
     return 0
 
 
@@ -509,7 +593,40 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--image-column", default=None, help="the dataset's image column (default: found by name)")
     evaluate.add_argument("--label-column", default=None, help="the dataset's label column (default: found by name)")
     evaluate.add_argument("--quiet", action="store_true")
+    evaluate.add_argument(
+        "--report", default=None, metavar="DIR", help="also write a report folder (report.md/html, figures)"
+    )
+    evaluate.add_argument("--report-examples", type=int, default=4, help="images in the report's examples grid")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    compare = commands.add_parser(
+        "compare",
+        parents=[common],
+        help="evaluate several segmentation models on one split and write a comparison report",
+        description=(
+            "Evaluate each model folder with the shared protocol (cluster probe with Hungarian matching, linear "
+            "probe) on one split and write report.md, a self-contained report.html, per-class IoU bars, each "
+            "model's confusion matrix after matching, a grid of example predictions and results.json."
+        ),
+    )
+    compare.add_argument("models", nargs="+", help="model folders or Hub ids")
+    compare.add_argument("--dataset", required=True, help="Hub id, datasets folder, Parquet, or images/labels folder")
+    compare.add_argument("--split", default="val")
+    compare.add_argument("--num-classes", type=int, default=None)
+    compare.add_argument("--resolution", type=int, default=None, help="shorter side + center crop")
+    compare.add_argument("--batch-size", type=int, default=8)
+    compare.add_argument("--matching", choices=["hungarian", "majority", "none"], default="hungarian")
+    compare.add_argument("--crf", action="store_true", help="also score the dense-CRF refined predictions")
+    compare.add_argument("--crf-workers", type=int, default=0)
+    compare.add_argument("--no-flip-tta", action="store_true", help="disable horizontal-flip test-time augmentation")
+    compare.add_argument("--max-images", type=int, default=None)
+    compare.add_argument("--device", default=None)
+    compare.add_argument("--output-dir", default="outputs/compare", help="the report folder")
+    compare.add_argument("--image-column", default=None)
+    compare.add_argument("--label-column", default=None)
+    compare.add_argument("--report-examples", type=int, default=4, help="images in the examples grid")
+    compare.add_argument("--quiet", action="store_true")
+    compare.set_defaults(func=cmd_compare)
 
     demo = commands.add_parser(
         "demo",
@@ -564,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        if args.func is cmd_evaluate:
+        if args.func in (cmd_evaluate, cmd_compare):
             _check_evaluate_arguments(args)  # before the imports below
         import hf_useg
 

@@ -628,8 +628,8 @@ def plot_confusion(
         "cells). Rows: ground-truth "
         "class; columns: the class each predicted cluster was matched to."
     )
-    characters = int(width / _CHAR_WIDTH / 1.1)
-    lines = ([_wrap(title, characters)] if title else []) + [_wrap(heading, int(characters * 1.15))]
+    characters = int(width / 0.1)  # what fits on a line at the suptitle's 11 pt (about 0.1 inch a character)
+    lines = ([_wrap(title, characters)] if title else []) + [_wrap(heading, int(characters * 1.3))]
     figure.suptitle(lines[0], fontsize=11)
     if len(lines) > 1:
         axes.set_title(lines[1], fontsize=8)

@@ -303,3 +303,61 @@ def test_per_class_bars_and_single_model_report(setup, tmp_path):
     assert "linear acc (%)" not in rows[0]  # no model has a linear probe
     with pytest.raises(ValueError, match="2 class names"):
         write_comparison_report([report], tmp_path, class_names=CLASS_NAMES[:2])
+
+
+def test_compare_command_writes_the_same_report(setup, tmp_path, capsys):
+    folders = setup["folders"]
+    output = tmp_path / "compare"
+    status = main(
+        [
+            "compare",
+            str(folders["kmeans"]),
+            str(folders["stego"]),
+            "--dataset",
+            str(setup["scenes"]),
+            "--split",
+            "val",
+            "--num-classes",
+            str(NUM_CLASSES),
+            "--resolution",
+            str(RESOLUTION),
+            "--batch-size",
+            "4",
+            "--report-examples",
+            "2",
+            "--output-dir",
+            str(output),
+            "--quiet",
+        ]
+    )
+    assert status == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["report"] == str(output / "report.md")
+    # the CLI's report holds the library's numbers for the same models and data (class names from the folder)
+    assert _table_after((output / "report.md").read_text(), "## Results") == _table_after(
+        setup["path"].read_text(), "## Results"
+    )
+    assert {path.name for path in output.iterdir()} == {path.name for path in setup["output"].iterdir()}
+
+
+def test_evaluate_report_option_writes_a_one_model_report(setup, tmp_path, capsys):
+    folder = setup["folders"]["kmeans"]
+    output = tmp_path / "one"
+    args = ["evaluate", str(folder), "--dataset", str(setup["scenes"]), "--split", "val"]
+    args += ["--num-classes", str(NUM_CLASSES), "--resolution", str(RESOLUTION), "--batch-size", "4"]
+    args += ["--report", str(output), "--report-examples", "2", "--output-dir", str(tmp_path / "eval"), "--quiet"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = _table_after((output / "report.md").read_text(), "## Results")
+    assert len(rows) == 1 and rows[0]["model"] == "kmeans/model"
+    assert rows[0]["cluster mIoU (%)"] == _percent(printed["cluster_mean_iou"])
+    assert (output / "confusion_kmeans_model.png").exists() and (output / "examples.png").exists()
+
+
+def test_compare_refuses_bad_arguments(setup, tmp_path, capsys):
+    folder = str(setup["folders"]["kmeans"])
+    args = ["compare", folder, "--dataset", str(setup["scenes"]), "--report-examples", "0"]
+    assert main(args) == 2
+    assert "--report-examples must be at least 1" in capsys.readouterr().err
+    assert main(["compare", folder, str(tmp_path / "missing"), "--dataset", str(setup["scenes"])]) == 2
+    assert "missing" in capsys.readouterr().err

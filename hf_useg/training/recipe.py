@@ -410,21 +410,33 @@ class Recipe(abc.ABC):
     def model_card(self, model, summary: dict[str, Any], evaluation: Evaluation | None) -> str:
         """The generated model card of the final model folder."""
         from ..hub import generate_model_card
+        from ..hub.cards import CONFUSION_FIGURE
 
         results = evaluation.results if evaluation is not None else None
-        return str(generate_model_card(model, summary=summary, results=results, class_names=self.run.class_names))
+        card = generate_model_card(
+            model,
+            summary=summary,
+            results=results,
+            class_names=self.run.class_names,
+            confusion_figure=CONFUSION_FIGURE if results is not None else None,
+        )
+        return str(card)
 
     def save_model(self, model, path: Path, extra_files: dict[str, str], evaluation: Evaluation | None = None) -> None:
         """Write a model folder (``best/`` and the final ``model/``; main process only), atomically. Default: the
-        model, its whole-image processor, ``extra_files`` and, after a final evaluation, its report files."""
+        model, its whole-image processor, ``extra_files`` and, after a final evaluation, its report files and the
+        confusion-matrix figure the card shows."""
+        from ..hub.cards import CONFUSION_FIGURE
         from ..image_processing import whole_image_processor
         from ..inference import write_evaluation_report
+        from ..report import write_confusion_figure
         from .checkpointing import save_model_folder
 
         processor = whole_image_processor(self.options.eval_resolution, model.backbone.patch_size)
         save_model_folder(model, processor, path, extra_files)
         if evaluation is not None and evaluation.results is not None:
             write_evaluation_report(evaluation.results, path, self.run.class_names)
+            write_confusion_figure(evaluation.results, self.run.class_names, path / CONFUSION_FIGURE)
 
     # -- optional -------------------------------------------------------------------------------------------------
 
