@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from hf_useg import crf as crf_module
 from hf_useg.crf import denormalize_to_uint8, dense_crf, dense_crf_batch
 
 try:
@@ -197,3 +198,122 @@ def test_missing_library_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
     with pytest.raises(ImportError, match=r"install hf-useg\[crf\]"):
         dense_crf(gradient_image(8, 8), torch.randn(2, 2, 2))
+
+
+# --- the torch backend -------------------------------------------------------------------------------------------
+
+
+def photo_like(height: int, width: int, seed: int) -> np.ndarray:
+    """Colour gradients, a few flat rectangles and pixel noise (std 3 = the bilateral kernel's colour width)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    a, b, c = rng.uniform(40, 215, 3)
+    image = np.stack([a + 60 * xx, b + 60 * yy, c + 60 * (xx - yy)], axis=-1)
+    for _ in range(4):
+        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        image[
+            top : top + rng.integers(height // 6, height // 2), left : left + rng.integers(width // 6, width // 2)
+        ] = rng.uniform(0, 255, 3)
+    return np.clip(image + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+
+
+def agreement(q: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(fraction of pixels whose argmax matches, mean |dQ|)."""
+    return (q.argmax(-3) == reference.argmax(-3)).float().mean().item(), (q - reference).abs().mean().item()
+
+
+@needs_crf
+def test_torch_backend_matches_the_reference():
+    images = np.stack([photo_like(48, 64, seed) for seed in range(3)])
+    logits = 2 * torch.randn(3, 6, 6, 8, generator=torch.Generator().manual_seed(4))
+    reference = dense_crf_batch(images, logits)
+    q = dense_crf_batch(images, logits, backend="torch")
+    assert q.shape == (3, 6, 48, 64) and q.dtype == torch.float32
+    torch.testing.assert_close(q.sum(1), torch.ones(3, 48, 64), atol=1e-5, rtol=0)
+    # the separable Gaussian is the one approximation (measured here: 99.5% agreement, mean |dQ| 3e-4)
+    argmax, mean_dq = agreement(q, reference)
+    assert argmax > 0.98 and mean_dq < 2e-3
+    # every kernel on the lattice: pydensecrf's filtering reproduced to float rounding
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(crf_module, "_MAX_CONVOLUTION_SXY", 0.0)
+        exact = dense_crf_batch(images, logits, backend="torch")
+    torch.testing.assert_close(exact, reference, atol=1e-4, rtol=0)
+    # other parameters (a wider Gaussian on the convolution path, a wider one on a lattice, other colour widths)
+    for params in ({"gaussian_sxy": 3.0, "bilateral_srgb": 13.0}, {"gaussian_sxy": 5.0, "bilateral_sxy": 20.0}):
+        argmax, mean_dq = agreement(
+            dense_crf_batch(images, logits, backend="torch", **params), dense_crf_batch(images, logits, **params)
+        )
+        assert argmax > 0.98 and mean_dq < 3e-3, params
+
+
+@needs_crf
+def test_torch_backend_zero_iterations_and_no_pairwise_terms():
+    image = photo_like(20, 30, 5)
+    logits = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(2))
+    reference = dense_crf(image, logits, num_iterations=0)
+    torch.testing.assert_close(dense_crf(image, logits, backend="torch", num_iterations=0), reference)
+    no_pairwise = dense_crf(image, logits, backend="torch", gaussian_compat=0, bilateral_compat=0)
+    torch.testing.assert_close(no_pairwise, reference, atol=1e-6, rtol=1e-5)
+
+
+def test_torch_batch_equals_loop_of_singles():
+    images = np.stack([photo_like(24, 32, seed) for seed in range(4)])
+    images[3] = images[0]  # identical images in one batch never share lattice points
+    logits = torch.randn(4, 5, 3, 4, generator=torch.Generator().manual_seed(6))
+    batch = dense_crf_batch(images, logits, backend="torch")
+    for i in range(4):
+        torch.testing.assert_close(batch[i], dense_crf(images[i], logits[i], backend="torch"), atol=1e-6, rtol=0)
+    # chunked, a list of images, a uint8 tensor: the same
+    torch.testing.assert_close(dense_crf_batch(images, logits, backend="torch", chunksize=3), batch, atol=1e-6, rtol=0)
+    torch.testing.assert_close(dense_crf_batch(list(images), logits, backend="torch"), batch, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        dense_crf_batch(torch.from_numpy(images), logits.numpy(), backend="torch"), batch, atol=1e-6, rtol=0
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_backend_takes_low_precision_logits(dtype):
+    images = np.stack([photo_like(16, 24, 7)])
+    logits = torch.randn(1, 4, 2, 3, generator=torch.Generator().manual_seed(7)).to(dtype)
+    q = dense_crf_batch(images, logits, backend="torch")
+    assert q.dtype == torch.float32 and q.device == logits.device
+    torch.testing.assert_close(q, dense_crf_batch(images, logits.float(), backend="torch"), atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_backend_on_cuda():
+    images = np.stack([photo_like(40, 56, seed) for seed in range(2)])
+    logits = torch.randn(2, 5, 5, 7, generator=torch.Generator().manual_seed(8))
+    on_cpu = dense_crf_batch(images, logits, backend="torch")
+    q = dense_crf_batch(torch.from_numpy(images).cuda(), logits.cuda().half(), backend="torch")
+    assert q.device.type == "cuda" and q.dtype == torch.float32
+    argmax, mean_dq = agreement(q.cpu(), dense_crf_batch(images, logits.half().float(), backend="torch"))
+    assert argmax > 0.999 and mean_dq < 1e-4
+    assert dense_crf(images[0], logits[0].cuda(), backend="torch").device.type == "cuda"
+    assert on_cpu.device.type == "cpu"
+
+
+def test_torch_backend_errors():
+    image = photo_like(8, 8, 0)
+    images = np.stack([image, image])
+    logits = torch.randn(2, 3, 2, 2)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dense_crf(image, logits[0], backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dense_crf_batch(images, logits, backend="densecrf")
+    with pytest.raises(ValueError, match=r"images must be \[B, H, W, 3\] RGB, got shape \(2, 8, 8, 4\)"):
+        dense_crf_batch(np.concatenate([images, images[..., :1]], -1), logits, backend="torch")
+    with pytest.raises(ValueError, match="looks channels-first"):
+        dense_crf_batch(torch.from_numpy(images).permute(0, 3, 1, 2), logits, backend="torch")
+    with pytest.raises(TypeError, match="images must be a uint8"):
+        dense_crf_batch(torch.from_numpy(images).float(), logits, backend="torch")
+    with pytest.raises(ValueError, match="got 2 images but logits for 3"):
+        dense_crf_batch(images, torch.randn(3, 3, 2, 2), backend="torch")
+    with pytest.raises(ValueError, match="same size"):
+        dense_crf_batch([image, photo_like(8, 9, 0)], logits, backend="torch")
+    with pytest.raises(ValueError, match="num_workers is for the pydensecrf backend"):
+        dense_crf_batch(images, logits, backend="torch", num_workers=2)
+    with pytest.raises(ValueError, match="chunksize must be an int >= 1"):
+        dense_crf_batch(images, logits, backend="torch", chunksize=0)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        dense_crf(image, logits[0, :1], backend="torch")
