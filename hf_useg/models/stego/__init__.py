@@ -1,6 +1,8 @@
+import importlib
+
 from ...registry import MethodSpec
 from .configuration_stego import StegoConfig
-from .loss_stego import StegoCorrelationLoss, StegoLossOutput
+from .loss_stego import StegoCorrelationLoss, StegoLossOutput, correlation_samples
 from .modeling_stego import (
     StegoForUnsupervisedSegmentation,
     StegoPreTrainedModel,
@@ -8,15 +10,40 @@ from .modeling_stego import (
     StegoSegmenterOutput,
 )
 
+# the diagnostics (they import the training recipe) load on first access
+_LAZY_NAMES = {
+    "StegoDiagnostics": ".diagnostics",
+    "format_diagnostics": ".diagnostics",
+    "plot_correlation_histograms": ".diagnostics",
+    "save_diagnostics": ".diagnostics",
+    "stego_correlation_diagnostics": ".diagnostics",
+}
+
 __all__ = [
     "StegoConfig",
     "StegoCorrelationLoss",
+    "StegoDiagnostics",
     "StegoForUnsupervisedSegmentation",
     "StegoLossOutput",
     "StegoPreTrainedModel",
     "StegoSegmentationHead",
     "StegoSegmenterOutput",
+    "correlation_samples",
+    "format_diagnostics",
+    "plot_correlation_histograms",
+    "save_diagnostics",
+    "stego_correlation_diagnostics",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 # the method(s) of this folder, read by hf_useg.registry
 METHODS = (

@@ -31,13 +31,22 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 __all__ = [
+    "CORRELATION_SAMPLES",
+    "SHIFT_NAMES",
     "StegoCorrelationLoss",
     "StegoLossOutput",
+    "correlation_samples",
+    "draw_correlation_points",
     "norm",
+    "pair_correlation",
     "sample_grid",
     "super_perm",
     "tensor_correlation",
 ]
+
+# The loss's three pair types ("correlation samples"), in the loss's order, and the config shift of each.
+CORRELATION_SAMPLES = ("intra", "knn", "neg")
+SHIFT_NAMES = {"intra": "pos_intra_shift", "knn": "pos_inter_shift", "neg": "neg_inter_shift"}
 
 
 def norm(t: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -127,6 +136,116 @@ def super_perm(size: int, device: torch.device | str | None = None, generator: t
     return perm % size
 
 
+def draw_correlation_points(
+    batch_size: int,
+    feature_samples: int,
+    neg_samples: int,
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    coords1: torch.Tensor | None = None,
+    coords2: torch.Tensor | None = None,
+    neg_perms: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss's random draws: ``coords1``, ``coords2`` (``[N, S, S, 2]`` uniform in ``[-1, 1]``,
+    ``S = feature_samples``) and ``neg_perms`` (``[P, N]``, ``P = neg_samples`` rows of [`super_perm`]), drawn in
+    that order from ``generator``; a draw given as an argument is kept as is (and takes nothing from the generator).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_useg.models.stego.loss_stego import draw_correlation_points
+    >>> coords1, coords2, neg_perms = draw_correlation_points(4, 11, 5, generator=torch.Generator().manual_seed(0))
+    >>> coords1.shape, neg_perms.shape
+    (torch.Size([4, 11, 11, 2]), torch.Size([5, 4]))
+    ```
+    """
+    coords_shape = (batch_size, feature_samples, feature_samples, 2)
+    if coords1 is None:
+        coords1 = torch.rand(coords_shape, device=device, generator=generator) * 2 - 1
+    if coords2 is None:
+        coords2 = torch.rand(coords_shape, device=device, generator=generator) * 2 - 1
+    if neg_perms is None:
+        neg_perms = torch.stack([super_perm(batch_size, device, generator) for _ in range(neg_samples)])
+    return coords1, coords2, neg_perms
+
+
+def pair_correlation(a: torch.Tensor, b: torch.Tensor, pointwise: bool = False) -> torch.Tensor:
+    """[`tensor_correlation`] of two (normalised) maps; with ``pointwise`` each ``[n, h, w]`` row is centred over
+    the partner's positions and the global mean of the whole tensor added back (METHODS 1.2, step 2): the
+    centring STEGO applies to the feature correlations.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_useg.models.stego.loss_stego import pair_correlation
+    >>> a = torch.randn(2, 4, 3, 3)
+    >>> centred = pair_correlation(a, a, pointwise=True)
+    >>> torch.allclose(centred.mean(), pair_correlation(a, a).mean())   # the global mean is kept
+    True
+    ```
+    """
+    correlation = tensor_correlation(a, b)
+    if pointwise:
+        old_mean = correlation.mean()
+        correlation = correlation - correlation.mean(dim=(3, 4), keepdim=True)
+        correlation = correlation - correlation.mean() + old_mean
+    return correlation
+
+
+def correlation_samples(
+    maps: torch.Tensor,
+    partner_maps: torch.Tensor,
+    *,
+    coords1: torch.Tensor,
+    coords2: torch.Tensor,
+    neg_perms: torch.Tensor,
+    pointwise: bool = False,
+    stack_negatives: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The three correlation samples of STEGO's loss, exactly as the loss computes them: ``maps`` (backbone features
+    or the code) are bilinearly sampled at ``coords1`` ([`sample_grid`]), the partners' maps at ``coords2``, each
+    point L2-normalised over channels, and correlated ([`pair_correlation`]):
+
+    * ``"intra"`` ``[N, S, S, S, S]``: each image with itself (both sides at ``coords1``);
+    * ``"knn"`` ``[N, S, S, S, S]``: each image with its kNN partner ``partner_maps[n]``;
+    * ``"neg"`` ``[P, N, S, S, S, S]``: for each row ``p`` of ``neg_perms``, image ``n`` with image
+      ``neg_perms[p, n]`` of the same batch (sampled at ``coords2``); each pairing is centred on its own.
+
+    With ``stack_negatives=False``, ``"neg"`` is a tuple of the ``P`` pairings' ``[N, S, S, S, S]`` tensors.
+
+    [`StegoCorrelationLoss`] calls it on the features (``pointwise`` as configured, without gradient) and on the
+    code (``pointwise=False``); `hf_useg.models.stego.diagnostics` calls it on a backbone's features.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_useg.models.stego.loss_stego import correlation_samples, draw_correlation_points
+    >>> features = torch.randn(4, 16, 7, 7)
+    >>> coords1, coords2, perms = draw_correlation_points(4, 5, 3, generator=torch.Generator().manual_seed(0))
+    >>> samples = correlation_samples(features, features.roll(1, 0), coords1=coords1, coords2=coords2,
+    ...                               neg_perms=perms, pointwise=True)
+    >>> {name: tuple(t.shape) for name, t in samples.items()}
+    {'intra': (4, 5, 5, 5, 5), 'knn': (4, 5, 5, 5, 5), 'neg': (3, 4, 5, 5, 5, 5)}
+    ```
+    """
+    sampled = norm(sample_grid(maps, coords1))
+    partners = norm(sample_grid(partner_maps, coords2))
+    samples = {
+        "intra": pair_correlation(sampled, sampled, pointwise),
+        "knn": pair_correlation(sampled, partners, pointwise),
+    }
+    # One pairing at a time keeps a single extra full-size copy of the maps in memory.
+    negatives = tuple(
+        pair_correlation(sampled, norm(sample_grid(maps[perm], coords2)), pointwise) for perm in neg_perms
+    )
+    samples["neg"] = torch.stack(negatives) if stack_negatives else negatives
+    return samples
+
+
 @dataclass
 class StegoLossOutput(ModelOutput):
     """Output of [`StegoCorrelationLoss`].
@@ -145,6 +264,16 @@ class StegoLossOutput(ModelOutput):
             The clamped code correlations of the self and kNN pairs (only with ``output_correlations=True``).
         neg_inter_correlation (`torch.FloatTensor` of shape `[P, N, S, S, S, S]`, *optional*):
             The clamped code correlations of the ``P`` random pairings.
+        feature_correlations (`dict[str, torch.FloatTensor]`, *optional*):
+            The feature correlations the three terms compared with their shifts (centred when ``pointwise``), by
+            sample name (``"intra"``, ``"knn"``, ``"neg"``; [`correlation_samples`]); only with
+            ``output_correlations=True``.
+        statistics (`dict[str, torch.FloatTensor]`, *optional*):
+            Cheap summaries of the three samples (detached scalars; with ``output_statistics``), for each sample
+            ``s`` in ``intra``, ``knn``, ``neg``: ``code_corr_<s>_mean``, the mean code correlation before the
+            clamp (STEGO's ``cd/*`` logs; all three near 1 when the code collapses), and
+            ``feat_above_shift_<s>``, the fraction of pairs whose feature correlation exceeds the term's shift
+            (the pairs the term pulls together).
     """
 
     loss: torch.FloatTensor | None = None
@@ -154,6 +283,8 @@ class StegoLossOutput(ModelOutput):
     pos_intra_correlation: torch.FloatTensor | None = None
     pos_inter_correlation: torch.FloatTensor | None = None
     neg_inter_correlation: torch.FloatTensor | None = None
+    feature_correlations: dict[str, torch.FloatTensor] | None = None
+    statistics: dict[str, torch.FloatTensor] | None = None
 
 
 def _check_map(name: str, t: torch.Tensor) -> None:
@@ -179,6 +310,12 @@ class StegoCorrelationLoss(nn.Module):
             `pos_inter_shift`, `neg_inter_shift`, `pointwise`, `zero_clamp`, `stabilize`, `feature_samples`,
             `neg_samples` and `correspondence_weight` at every call (so changing the config changes the loss).
 
+    Attributes:
+        output_statistics (`bool`, defaults to `False`): return `StegoLossOutput.statistics` from every call
+            (a few reductions; [`StegoRecipe`] turns it on to log them during training).
+
+    The three correlation samples come from [`correlation_samples`], the function the diagnostics use too.
+
     Example:
 
     ```python
@@ -197,29 +334,12 @@ class StegoCorrelationLoss(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.output_statistics = False
 
     def _clamp(self, correlation: torch.Tensor) -> torch.Tensor:
         min_value = 0.0 if self.config.zero_clamp else -9999.0
         max_value = 0.8 if self.config.stabilize else None
         return correlation.clamp(min_value, max_value)
-
-    def _pair_loss(
-        self,
-        feats1: torch.Tensor,
-        feats2: torch.Tensor,
-        code1: torch.Tensor,
-        code2: torch.Tensor,
-        shift: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-element loss ``[N, S, S, S, S]`` and clamped code correlation of sampled, normalised maps."""
-        with torch.no_grad():
-            fd = tensor_correlation(feats1, feats2)
-            if self.config.pointwise:
-                old_mean = fd.mean()
-                fd = fd - fd.mean(dim=(3, 4), keepdim=True)
-                fd = fd - fd.mean() + old_mean
-        cd = self._clamp(tensor_correlation(code1, code2))
-        return -cd * (fd - shift), cd
 
     def forward(
         self,
@@ -232,6 +352,7 @@ class StegoCorrelationLoss(nn.Module):
         neg_perms: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         output_correlations: bool = False,
+        output_statistics: bool | None = None,
     ) -> StegoLossOutput:
         """
         Args:
@@ -248,7 +369,9 @@ class StegoCorrelationLoss(nn.Module):
             generator (`torch.Generator`, *optional*):
                 Source of randomness for the draws (on the features' device).
             output_correlations (`bool`, *optional*, defaults to `False`):
-                Also return the clamped code correlations.
+                Also return the clamped code correlations and the feature correlations.
+            output_statistics (`bool`, *optional*):
+                Also return `StegoLossOutput.statistics`; defaults to the module's ``output_statistics``.
         """
         for name, t in (
             ("features", features),
@@ -267,12 +390,16 @@ class StegoCorrelationLoss(nn.Module):
             raise ValueError(f"code_pos has {code_pos.shape[1]} channels, code has {code.shape[1]}")
 
         device = features.device
-        num_samples = self.config.feature_samples
-        coords_shape = (batch_size, num_samples, num_samples, 2)
-        if coords1 is None:
-            coords1 = torch.rand(coords_shape, device=device, generator=generator) * 2 - 1
-        if coords2 is None:
-            coords2 = torch.rand(coords_shape, device=device, generator=generator) * 2 - 1
+        coords1, coords2, neg_perms = draw_correlation_points(
+            batch_size,
+            self.config.feature_samples,
+            self.config.neg_samples,
+            device=device,
+            generator=generator,
+            coords1=coords1,
+            coords2=coords2,
+            neg_perms=neg_perms,
+        )
         for name, coords in (("coords1", coords1), ("coords2", coords2)):
             if (
                 not isinstance(coords, torch.Tensor)
@@ -285,10 +412,6 @@ class StegoCorrelationLoss(nn.Module):
                 raise ValueError(f"{name} must be [N={batch_size}, S, S, 2], got {shape}")
         if coords1.shape != coords2.shape:
             raise ValueError(f"coords1 {tuple(coords1.shape)} and coords2 {tuple(coords2.shape)} must match")
-        if neg_perms is None:
-            neg_perms = torch.stack(
-                [super_perm(batch_size, device, generator) for _ in range(self.config.neg_samples)]
-            )
         if not isinstance(neg_perms, torch.Tensor) or neg_perms.ndim != 2 or neg_perms.shape[1] != batch_size:
             shape = tuple(neg_perms.shape) if isinstance(neg_perms, torch.Tensor) else type(neg_perms).__name__
             raise ValueError(f"neg_perms must be [num_pairings, N={batch_size}], got {shape}")
@@ -304,49 +427,51 @@ class StegoCorrelationLoss(nn.Module):
         neg_perms = neg_perms.to(device)
         coords1 = coords1.to(device=device, dtype=torch.float32)
         coords2 = coords2.to(device=device, dtype=torch.float32)
+        draws = {"coords1": coords1, "coords2": coords2, "neg_perms": neg_perms}
+        config = self.config
+        shifts = {name: getattr(config, SHIFT_NAMES[name]) for name in CORRELATION_SAMPLES}
         # The loss is defined in float32; under autocast the correlations would otherwise run in half
         # precision.
         with torch.autocast(device_type=device.type, enabled=False):
-            features, features_pos = features.float(), features_pos.float()
-            code, code_pos = code.float(), code_pos.float()
             with torch.no_grad():
-                feats = norm(sample_grid(features, coords1))
-                feats_pos = norm(sample_grid(features_pos, coords2))
-            codes = norm(sample_grid(code, coords1))
-            codes_pos = norm(sample_grid(code_pos, coords2))
-
-            config = self.config
-            pos_intra_loss, pos_intra_cd = self._pair_loss(feats, feats, codes, codes, config.pos_intra_shift)
-            pos_inter_loss, pos_inter_cd = self._pair_loss(feats, feats_pos, codes, codes_pos, config.pos_inter_shift)
-            # Random partners: image perm[n] of the same batch, sampled at coords2[n]. Each pairing is its own
-            # "batch" for the pointwise centering and its global mean. One pairing at a time keeps a single
-            # extra copy of the maps in memory.
-            neg_losses, neg_cds = [], []
-            for perm in neg_perms:
-                with torch.no_grad():
-                    feats_neg = norm(sample_grid(features[perm], coords2))
-                codes_neg = norm(sample_grid(code[perm], coords2))
-                neg_loss, neg_cd = self._pair_loss(feats, feats_neg, codes, codes_neg, config.neg_inter_shift)
-                neg_losses.append(neg_loss)
-                neg_cds.append(neg_cd)
-            neg_inter_loss = torch.stack(neg_losses)
-
-            pos_intra, pos_inter, neg_inter = (
-                pos_intra_loss.mean(),
-                pos_inter_loss.mean(),
-                neg_inter_loss.mean(),
-            )
+                feature_corr = correlation_samples(
+                    features.float(), features_pos.float(), **draws, pointwise=config.pointwise, stack_negatives=False
+                )
+            code_corr = correlation_samples(code.float(), code_pos.float(), **draws, stack_negatives=False)
+            clamped = {name: self._clamp(code_corr[name]) for name in ("intra", "knn")}
+            clamped["neg"] = tuple(self._clamp(pairing) for pairing in code_corr["neg"])
+            # Each random pairing's term is computed on its own tensor: through views of a stacked tensor the
+            # gradients would round differently (not bit-identical to a per-pairing computation).
+            pos_intra = (-clamped["intra"] * (feature_corr["intra"] - shifts["intra"])).mean()
+            pos_inter = (-clamped["knn"] * (feature_corr["knn"] - shifts["knn"])).mean()
+            neg_inter = torch.stack(
+                [-cd * (fd - shifts["neg"]) for cd, fd in zip(clamped["neg"], feature_corr["neg"], strict=True)]
+            ).mean()
             loss = config.correspondence_weight * (
                 config.pos_intra_weight * pos_intra
                 + config.pos_inter_weight * pos_inter
                 + config.neg_inter_weight * neg_inter
             )
+        if output_statistics is None:
+            output_statistics = self.output_statistics
+        if output_correlations or output_statistics:
+            feature_corr["neg"] = torch.stack(feature_corr["neg"])
+        statistics = None
+        if output_statistics:
+            with torch.no_grad():
+                statistics = {}
+                for name in CORRELATION_SAMPLES:
+                    code_values = torch.stack(code_corr[name]) if name == "neg" else code_corr[name]
+                    statistics[f"code_corr_{name}_mean"] = code_values.mean()
+                    statistics[f"feat_above_shift_{name}"] = (feature_corr[name] > shifts[name]).float().mean()
         return StegoLossOutput(
             loss=loss,
             pos_intra=pos_intra,
             pos_inter=pos_inter,
             neg_inter=neg_inter,
-            pos_intra_correlation=pos_intra_cd if output_correlations else None,
-            pos_inter_correlation=pos_inter_cd if output_correlations else None,
-            neg_inter_correlation=torch.stack(neg_cds) if output_correlations else None,
+            pos_intra_correlation=clamped["intra"] if output_correlations else None,
+            pos_inter_correlation=clamped["knn"] if output_correlations else None,
+            neg_inter_correlation=torch.stack(clamped["neg"]) if output_correlations else None,
+            feature_correlations=feature_corr if output_correlations else None,
+            statistics=statistics,
         )

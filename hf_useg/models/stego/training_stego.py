@@ -1,6 +1,12 @@
 """STEGO's training recipe for the shared loop (METHODS 1.2): kNN positives from the frozen backbone's global
 descriptors (cached on disk), Adam on the head (lr 5e-4) and on both probes (lr 5e-3), no schedule; and the
-helpers it is made of (kNN table, feature cache, shift calibration)."""
+helpers it is made of (kNN table, feature cache, shift calibration).
+
+Besides the loss and its terms, every step logs the code's correlation statistics (`StegoLossOutput.statistics`,
+computed from the tensors the loss already has): ``train/code_corr_{intra,knn,neg}_mean`` and
+``train/feat_above_shift_{intra,knn,neg}``; a collapsing code shows as all three means rising towards 1, and the
+recipe logs a warning once (see `StegoRecipe.on_log`).
+"""
 
 from __future__ import annotations
 
@@ -31,15 +37,24 @@ from .modeling_stego import StegoForUnsupervisedSegmentation
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CODE_COLLAPSE_CHECK_STEP",
+    "CODE_COLLAPSE_THRESHOLD",
     "FeatureCache",
     "StegoPairCollator",
     "StegoPairs",
     "StegoRecipe",
     "StegoTrainingOptions",
     "calibrate_shifts",
+    "calibration_items",
     "compute_feature_cache",
     "compute_knn_table",
 ]
+
+# The training-time collapse warning (`StegoRecipe.on_log`): the mean code correlation of random pairs of different
+# images above this value, at a logging step at or after CODE_COLLAPSE_CHECK_STEP (or the last step of a shorter
+# run).
+CODE_COLLAPSE_THRESHOLD = 0.8
+CODE_COLLAPSE_CHECK_STEP = 100
 
 
 def _knn_cache_key(
@@ -148,7 +163,7 @@ def calibrate_shifts(
     ['pos_inter_shift', 'pos_intra_shift']
     ```
     """
-    from .loss_stego import norm, tensor_correlation
+    from .loss_stego import norm, pair_correlation
 
     if features.ndim != 4 or features.shape[0] < 2:
         raise ValueError(f"features must be [N >= 2, C, h, w] maps, got shape {tuple(features.shape)}")
@@ -166,14 +181,28 @@ def calibrate_shifts(
     partners = normalized.roll(-1, 0) if partner_features is None else norm(partner_features.float())
     shifts = {}
     for name, partner in (("pos_intra_shift", normalized), ("pos_inter_shift", partners)):
-        correlation = tensor_correlation(normalized, partner)
-        if pointwise:
-            correlation = correlation - correlation.mean(dim=(-2, -1), keepdim=True) + correlation.mean()
-        values = correlation.flatten()
+        values = pair_correlation(normalized, partner, pointwise).flatten()
         if values.numel() > 2_000_000:  # torch.quantile's input limit; a strided subsample is plenty
             values = values[:: values.numel() // 2_000_000 + 1]
         shifts[name] = float(torch.quantile(values, quantile))
     return shifts
+
+
+def calibration_items(num_items: int, knn: torch.Tensor, max_items: int = 64) -> tuple[list[int], list[int]]:
+    """The items ``--calibrate_shifts`` measures and their partners: ``max_items`` items evenly spread over the
+    ``num_items`` training items, each with its nearest neighbour (rank 1 of the kNN table ``knn``).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> calibration_items(4, torch.tensor([[0, 1], [1, 0], [2, 3], [3, 2]]), max_items=2)
+    ([0, 2], [1, 3])
+    ```
+    """
+    step = max(1, num_items // max_items)
+    sample = list(range(0, num_items, step))[:max_items]
+    return sample, knn[torch.as_tensor(sample), 1].tolist()
 
 
 @dataclass
@@ -366,12 +395,18 @@ class StegoRecipe(Recipe):
         if options.calibrate_shifts:
             self._calibrate(model, items, knn, cache)
         self.pairs = StegoPairs(items, knn, num_neighbors, cache)
+        model.correlation_loss.output_statistics = True
+        self._statistics: dict[str, torch.Tensor] = {}
+        self._statistics_hook = model.correlation_loss.register_forward_hook(self._keep_statistics)
+        self._collapse_warned = False
+        self._config = model.config
+
+    def _keep_statistics(self, module, inputs, output) -> None:
+        self._statistics = output.statistics or {}
 
     def _calibrate(self, model, items, knn: torch.Tensor, cache: FeatureCache | None) -> None:
         config = model.config
-        step = max(1, len(items) // 64)
-        sample = list(range(0, len(items), step))[:64]
-        partners = knn[torch.as_tensor(sample), 1].tolist()
+        sample, partners = calibration_items(len(items), knn)
         if cache is not None:
             features, partner_features = cache.features[sample], cache.features[partners]
         else:
@@ -411,7 +446,49 @@ class StegoRecipe(Recipe):
         )
 
     def training_step(self, model, batch: dict[str, torch.Tensor]) -> TrainingStepOutput:
+        self._statistics = {}
         output = model(**batch)
         names = ("correlation_loss", "pos_intra", "pos_inter", "neg_inter", "cluster_probe_loss", "linear_probe_loss")
         logs = {name: getattr(output, name).detach() for name in names if getattr(output, name, None) is not None}
+        logs.update(self._statistics)  # the loss's code statistics, caught by the hook set in `setup`
         return TrainingStepOutput(loss=output.loss, logs=logs)
+
+    def on_log(self, logs: dict[str, float], step: int) -> None:
+        """Warn once when the code collapses: at a logging step at or after ``CODE_COLLAPSE_CHECK_STEP`` (or the
+        last step of a shorter run; earlier, the code still reflects the random head), the mean code correlation
+        of random pairs of different images (``train/code_corr_neg_mean``) above ``CODE_COLLAPSE_THRESHOLD``
+        (0.8). Random pairs mostly show different segments, and the negative term pushes their code correlations
+        down to 0 (``zero_clamp``); above 0.8 (the ceiling ``stabilize`` puts on any code correlation) points of
+        unrelated images share nearly the same code, which the cluster probe cannot split: the positive terms
+        outweigh the negative one, usually because the positive shifts sit below most of the backbone's
+        correlations (see `hf_useg.models.stego.diagnostics`)."""
+        value = logs.get("train/code_corr_neg_mean")
+        max_steps = self.options.max_steps or CODE_COLLAPSE_CHECK_STEP
+        if self._collapse_warned or value is None or step < min(CODE_COLLAPSE_CHECK_STEP, max_steps):
+            return
+        if value > CODE_COLLAPSE_THRESHOLD:
+            self._collapse_warned = True
+            if not self.run.accelerator.is_main_process:
+                return
+            config = self._config
+            logger.warning(
+                "STEGO's code is collapsing at step %d: random pairs of different images have a mean code "
+                "correlation of %.3f (> %.2f; kNN pairs %.3f, same image %.3f). The positive shifts "
+                "(pos_intra_shift %.4g, pos_inter_shift %.4g) likely sit below most of the backbone's feature "
+                "correlations: check them with hf_useg.models.stego.diagnostics.stego_correlation_diagnostics, or "
+                "train with --calibrate_shifts true.",
+                step,
+                value,
+                CODE_COLLAPSE_THRESHOLD,
+                logs.get("train/code_corr_knn_mean", float("nan")),
+                logs.get("train/code_corr_intra_mean", float("nan")),
+                config.pos_intra_shift,
+                config.pos_inter_shift,
+            )
+
+    def finalize(self, model) -> dict[str, Any]:
+        hook = getattr(self, "_statistics_hook", None)
+        if hook is not None:
+            hook.remove()
+            model.correlation_loss.output_statistics = False
+        return super().finalize(model)
