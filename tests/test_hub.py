@@ -606,3 +606,34 @@ def test_cli_push(trained_model_dir, fake_hub, capsys):
     assert "401" in capsys.readouterr().err
     assert main(["push", str(trained_model_dir), "tester/y", "--no-package"]) == 2
     assert capsys.readouterr().err == "hf-useg: --with-model and --no-package only apply with --space (push)\n"
+
+
+def test_push_a_fine_tuned_detector_with_its_detection_card(tmp_path, fake_hub):
+    from tiny_configs import TINY_DETREG_DETECTOR_KWARGS, tiny_resnet_config
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
+
+    from hf_useg.detection_inference import detection_image_processor
+    from hf_useg.models.detreg.training_detreg import detector_config_kwargs
+
+    kwargs = detector_config_kwargs(tiny_resnet_config(), dict(TINY_DETREG_DETECTOR_KWARGS))
+    labels = {"num_labels": 1, "id2label": {0: "raccoon"}, "label2id": {"raccoon": 0}}
+    config = DeformableDetrConfig(**{**kwargs, **labels})
+    folder = tmp_path / "detector"
+    DeformableDetrForObjectDetection(config).save_pretrained(folder)
+    detection_image_processor(64).save_pretrained(folder)
+    summary = {"dataset": "../shared/data/raccoon", "steps": 3, "pretraining": "CutMix-DETReg pretraining with cutmix"}
+    summary.update({f"{e}_{m}": 0.25 for e in ("coco", "voc07") for m in ("ap", "ap50", "ap75")})
+    summary["eval_protocol"] = {"split": "test", "images": 40}
+    (folder / "training_summary.json").write_text(json.dumps(summary))
+
+    push_model_folder(folder, "tester/detector", token=TOKEN)
+    readme = fake_hub.repos[("model", "tester/detector")]["files"]["README.md"].decode()
+    data = ModelCard(readme).data
+    assert data.pipeline_tag == "object-detection"
+    assert {(r.metric_type, r.metric_value) for r in data.eval_results} == {
+        (f"{e}_{m}", 25.0) for e in ("coco", "voc07") for m in ("ap", "ap50", "ap75")
+    }
+    assert 'pipeline("object-detection", model="tester/detector")' in readme
+    assert "CutMix-DETReg pretraining with cutmix" in readme
+    with pytest.raises(ValueError, match="pipeline_tag is 'object-detection', expected 'image-segmentation'"):
+        validate_model_card(ModelCard(readme))

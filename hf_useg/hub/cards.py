@@ -436,6 +436,17 @@ def model_card_from_folder(
         raise ValueError(f"{folder} is not a model folder: it has no config.json")
     config = AutoConfig.from_pretrained(folder)
     summary = _read_json(folder / "training_summary.json") if (folder / "training_summary.json").is_file() else {}
+    spec = method_for_model_type(config.model_type)
+    if spec is not None and spec.pipeline_task == "object-detection":
+        id2label = getattr(config, "id2label", None) or {}
+        card = generate_detection_model_card(
+            summary,
+            class_names=[str(id2label[key]) for key in sorted(id2label, key=int)],
+            repo_id=repo_id,
+            dataset_id=dataset_id,
+            license=license,
+        )
+        return ModelCard(card)
     results = _read_json(folder / "eval_results.json") if (folder / "eval_results.json").is_file() else None
     if isinstance(results, dict):
         results.pop("evaluation", None)  # what `hf-useg evaluate` evaluated, beside the result sets
@@ -465,13 +476,14 @@ def _as_card(card: ModelCard | str | os.PathLike) -> ModelCard:
     raise TypeError(f"expected a ModelCard, its text or a README.md path, got {type(card).__name__}")
 
 
-def validate_model_card(card: ModelCard | str | os.PathLike) -> ModelCardData:
+def validate_model_card(card: ModelCard | str | os.PathLike, pipeline_tag: str = PIPELINE_TAG) -> ModelCardData:
     """Check a model card offline and return its parsed metadata.
 
     `huggingface_hub` parses the YAML block (an invalid ``model-index`` raises), the metadata must survive a
     write/parse round trip unchanged, and the fields the Hub and the ``image-segmentation`` pipeline rely on must
-    be present and well formed: ``pipeline_tag: image-segmentation``, ``library_name``, ``license``, Hub ids for
-    ``base_model``/``datasets``, and eval results with finite percentages. (``ModelCard.validate()`` asks the
+    be present and well formed: ``pipeline_tag`` (``image-segmentation``; ``object-detection`` for a fine-tuned
+    detector's card), ``library_name``, ``license``, Hub ids for ``base_model``/``datasets``, and eval results with
+    finite percentages. (``ModelCard.validate()`` asks the
     Hub's own validator and needs the network; uploads with `push_model_folder` go through it.)
 
     Raises:
@@ -497,8 +509,8 @@ def validate_model_card(card: ModelCard | str | os.PathLike) -> ModelCardData:
     reparsed = ModelCard(str(parsed)).data.to_dict()
     if reparsed != data.to_dict():
         problems.append("the metadata does not survive a write/parse round trip")
-    if data.pipeline_tag != PIPELINE_TAG:
-        problems.append(f"pipeline_tag is {data.pipeline_tag!r}, expected {PIPELINE_TAG!r}")
+    if data.pipeline_tag != pipeline_tag:
+        problems.append(f"pipeline_tag is {data.pipeline_tag!r}, expected {pipeline_tag!r}")
     if not data.library_name:
         problems.append("library_name is missing")
     if not data.license:

@@ -31,7 +31,9 @@ def _folder_files(folder: Path) -> Iterator[tuple[str, Path]]:
             yield relative.as_posix(), path
 
 
-def _check_model_folder(folder: Path) -> None:
+def _check_model_folder(folder: Path) -> str:
+    """Refuse what is not a complete hf_useg model folder; return its pipeline task (``image-segmentation`` or, for
+    a fine-tuned detector, ``object-detection``)."""
     from transformers import AutoConfig
 
     import hf_useg  # noqa: F401  (registers the configs with AutoConfig)
@@ -45,17 +47,19 @@ def _check_model_folder(folder: Path) -> None:
     weights = list(folder.glob("*.safetensors")) + list(folder.glob("*.safetensors.index.json"))
     if not weights:
         raise ValueError(f"{folder} has no *.safetensors weights: save the model with save_pretrained first")
-    model_types = {spec.model_type for spec in methods().values() if spec.pipeline_task == "image-segmentation"}
+    tasks = {spec.model_type: spec.pipeline_task for spec in methods().values() if spec.pipeline_task}
     config = AutoConfig.from_pretrained(folder)
-    if config.model_type not in model_types:
+    if config.model_type not in tasks:
         raise ValueError(
-            f"{folder} holds a {config.model_type!r} model, not an hf_useg segmentation model ({sorted(model_types)})"
+            f"{folder} holds a {config.model_type!r} model, not an hf_useg segmentation model or fine-tuned "
+            f"detector ({sorted(tasks)})"
         )
     if not (folder / "preprocessor_config.json").is_file():
         raise ValueError(
             f"{folder} has no preprocessor_config.json: save the image processor too (the pipeline and the Space "
             "need it), e.g. whole_image_processor(resolution, patch_size).save_pretrained(folder)"
         )
+    return tasks[config.model_type]
 
 
 def push_model_folder(
@@ -97,7 +101,7 @@ def push_model_folder(
     from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = Path(folder)
-    _check_model_folder(folder)
+    pipeline_tag = _check_model_folder(folder)
     if card == "regenerate":
         readme = str(model_card_from_folder(folder, repo_id=repo_id, dataset_id=dataset_id, base_model=base_model))
     elif card == "keep":
@@ -106,7 +110,7 @@ def push_model_folder(
         readme = (folder / "README.md").read_text()
     else:
         raise ValueError(f"card must be 'regenerate' or 'keep', got {card!r}")
-    validate_model_card(ModelCard(readme))
+    validate_model_card(ModelCard(readme), pipeline_tag=pipeline_tag)
 
     operations = [
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
