@@ -488,6 +488,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """STEGO's correlation diagnostics: the three feature-correlation distributions of a backbone on a dataset,
+    the configured and calibrated shifts, and a warning when the configured shifts would collapse the code."""
+    from .models.stego.diagnostics import format_diagnostics, save_diagnostics, stego_correlation_diagnostics
+
+    if args.dataset == "synthetic":
+        from .data import make_synthetic_scenes
+
+        dataset = make_synthetic_scenes(64, 64, 4, seed=args.seed)
+    else:
+        dataset = args.dataset
+    diagnostics = stego_correlation_diagnostics(
+        args.backbone,
+        dataset,
+        config=args.config,
+        split=args.split,
+        resolution=args.resolution,
+        num_images=args.num_images,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    paths = save_diagnostics(diagnostics, args.output_dir)
+    print(format_diagnostics(diagnostics), file=sys.stderr)
+    print(json.dumps({name: str(path) for name, path in paths.items()}))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -627,6 +655,35 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--report-examples", type=int, default=4, help="images in the examples grid")
     compare.add_argument("--quiet", action="store_true")
     compare.set_defaults(func=cmd_compare)
+
+    diagnose = commands.add_parser(
+        "diagnose",
+        parents=[common],
+        help="STEGO's correlation diagnostics: how to choose the shifts for a backbone and dataset",
+        description=(
+            "Draw the distributions of a backbone's intra-image, kNN-partner and negative feature correlations (as "
+            "STEGO's loss samples them) with the configured shifts, print the shifts --calibrate_shifts would pick "
+            "and warn when the configured shifts make the loss reward a collapsed code."
+        ),
+    )
+    diagnose.add_argument("method", choices=["stego"], help="the method whose loss is diagnosed")
+    diagnose.add_argument(
+        "--backbone", required=True, help="Hub id or folder of a backbone, or a RANDOM_BACKBONES name"
+    )
+    diagnose.add_argument(
+        "--dataset", required=True, help="Hub id, datasets folder, Parquet, images folder, or 'synthetic'"
+    )
+    diagnose.add_argument("--split", default="train")
+    diagnose.add_argument(
+        "--config", default=None, help="a StegoConfig preset (cocostuff27, ...) or a model folder; default COCO's"
+    )
+    diagnose.add_argument("--resolution", type=int, default=224)
+    diagnose.add_argument("--num-images", type=int, default=32, help="images measured (five crops each)")
+    diagnose.add_argument("--seed", type=int, default=0)
+    diagnose.add_argument("--device", default=None)
+    diagnose.add_argument("--output-dir", default="outputs/diagnose", help="where the figure, text and JSON go")
+    diagnose.add_argument("--quiet", action="store_true")
+    diagnose.set_defaults(func=cmd_diagnose)
 
     demo = commands.add_parser(
         "demo",

@@ -234,3 +234,17 @@ def test_training_logs_the_code_statistics_and_warns_once(tmp_path, monkeypatch,
         assert not math.isclose(line["train/code_corr_intra_mean"], line["train/code_corr_neg_mean"])
     warnings = [record for record in caplog.records if "collapsing" in record.getMessage()]
     assert len(warnings) == 1 and "step 2" in warnings[0].getMessage()  # once, at the check step (the last)
+
+
+def test_cli_diagnose_writes_the_figure_and_warns(tmp_path, capsys):
+    from hf_useg.cli import main
+
+    output = tmp_path / "diagnose"
+    args = ["diagnose", "stego", "--backbone", "random-vit-micro", "--dataset", "synthetic", "--resolution", "32"]
+    assert main([*args, "--num-images", "4", "--output-dir", str(output), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    paths = json.loads(captured.out.strip().splitlines()[-1])
+    assert Path(paths["figure"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(Path(paths["json"]).read_text())
+    assert "calibrated shifts" in captured.err and Path(paths["text"]).read_text().strip() in captured.err
+    assert saved["shifts"] == {"intra": 0.12, "knn": 0.2, "neg": 1.0}  # the COCO release's, the default config
