@@ -270,13 +270,17 @@ def read_metrics(path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+# logged statistics that are not loss terms (STEGO's code correlations): drawn in their own panel
+_DIAGNOSTIC_PREFIXES = ("train/code_corr_", "train/feat_above_shift_")
+
+
 def plot_training_curves(metrics, path=None, *, title: str | None = None):
     """Loss and validation curves of a training run against its steps, as a matplotlib `Figure`.
 
-    ``metrics``: a ``metrics.jsonl`` path or its parsed lines (`read_metrics`). The left panel shows every
-    ``train/*`` value (the loss and the method's terms, log scale when all are positive), the right one every
-    ``val/*`` value (cluster / linear mIoU and accuracy for segmenters, AP for detectors) when the run validated.
-    Written to ``path`` (PNG) when given. Needs matplotlib.
+    ``metrics``: a ``metrics.jsonl`` path or its parsed lines (`read_metrics`). One panel shows the ``train/*``
+    loss and its terms (log scale when all are positive), one the logged training statistics that are not losses
+    (STEGO's code correlations), when there are any, and one every ``val/*`` value (cluster / linear mIoU and
+    accuracy for segmenters, AP for detectors) when the run validated. Written to ``path`` (PNG) when given.
 
     Example:
 
@@ -299,25 +303,30 @@ def plot_training_curves(metrics, path=None, *, title: str | None = None):
                 values.append(float(value))
     if not series:
         raise ValueError("no train/ or val/ values to plot: the run logged nothing yet")
+    statistics = sorted(key for key in series if key.startswith(_DIAGNOSTIC_PREFIXES))
+    training = sorted(
+        (key for key in series if key.startswith("train/") and key not in statistics),
+        key=lambda key: key != "train/loss",
+    )
     validation = sorted(key for key in series if key.startswith("val/"))
-    figure = Figure(figsize=(11.0 if validation else 6.0, 4.0), layout="constrained")
-    panels = figure.subplots(1, 2 if validation else 1, squeeze=False)[0]
-    training = sorted((key for key in series if key.startswith("train/")), key=lambda key: key != "train/loss")
-    for key in training:
-        steps, values = series[key]
-        panels[0].plot(steps, values, label=key.removeprefix("train/"), linewidth=2.0 if key == "train/loss" else 1)
-    if training and all(value > 0 for key in training for value in series[key][1]):
-        panels[0].set_yscale("log")
-    panels[0].set(xlabel="step", ylabel="training loss (and terms)")
-    for key in validation:
-        steps, values = series[key]
-        panels[1].plot(steps, values, marker="o", label=key.removeprefix("val/"))
-    if validation:
-        panels[1].set(xlabel="step", ylabel="validation (fraction)")
-    for axes in panels:
+    panels_wanted = [
+        (training, "training loss (and terms)", {}),
+        (statistics, "training statistics", {}),
+        (validation, "validation (fraction)", {"marker": "o"}),
+    ]
+    panels_wanted = [panel for panel in panels_wanted if panel[0]]
+    figure = Figure(figsize=(5.5 * len(panels_wanted), 4.0), layout="constrained")
+    axes_row = figure.subplots(1, len(panels_wanted), squeeze=False)[0]
+    for axes, (keys, label, style) in zip(axes_row, panels_wanted):
+        for key in keys:
+            steps, values = series[key]
+            width = 2.0 if key == "train/loss" else 1.0
+            axes.plot(steps, values, label=key.split("/", 1)[1], linewidth=width, **style)
+        if keys is training and all(value > 0 for key in keys for value in series[key][1]):
+            axes.set_yscale("log")
+        axes.set(xlabel="step", ylabel=label)
         axes.grid(alpha=0.3)
-        if axes.lines:
-            axes.legend(fontsize=8)
+        axes.legend(fontsize=8)
     if title:
         figure.suptitle(title)
     if path is not None:

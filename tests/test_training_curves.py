@@ -57,3 +57,13 @@ def test_a_training_run_writes_its_curves(tmp_path):
     curves = tmp_path / "run" / "training_curves.png"
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "run").glob(".tmp-*"))
+
+
+def test_code_statistics_get_their_own_panel():
+    lines = [
+        {"step": 1, "train/loss": 1.0, "train/code_corr_neg_mean": 0.3, "train/feat_above_shift_intra": 0.9},
+        {"step": 2, "train/loss": 0.8, "train/code_corr_neg_mean": 0.4, "train/feat_above_shift_intra": 0.8},
+    ]
+    loss, statistics = plot_training_curves(lines).axes
+    assert [line.get_label() for line in loss.lines] == ["loss"]
+    assert sorted(line.get_label() for line in statistics.lines) == ["code_corr_neg_mean", "feat_above_shift_intra"]
