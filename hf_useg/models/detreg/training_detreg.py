@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from ...augmentation import IMAGENET_MEAN, IMAGENET_STD
+from ...augmentation import normalize_images
 from ...detection_inference import pad_images
 from ...file_utils import atomic_file
 from ...training.checkpointing import save_model_folder
@@ -232,10 +232,7 @@ def _resized(content: np.ndarray, size: int) -> np.ndarray:
 
 
 def _normalise(image: np.ndarray) -> torch.Tensor:
-    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0  # (a writable copy)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (tensor - mean) / std
+    return normalize_images(torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0)  # (a writable copy)
 
 
 def _normalized_cxcywh(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
