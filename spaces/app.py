@@ -4,7 +4,9 @@ with a fine-tuned CutMix-DETReg detector and look at CutMix-DETReg's pseudo-boxe
 * **Segmentation** tab: upload an image (or pick one of the generated example scenes), choose a method and one of
   the offered models, and see the segmentation as an annotated image with a legend (segment names from the model's
   ``config.id2label``), with or without horizontal-flip test-time augmentation and the dense CRF, plus the
-  last-layer CLS attention of every head of the (DINO) ViT backbone.
+  last-layer CLS attention of every head of the (DINO) ViT backbone. When two or more segmentation models are
+  offered, a second model segments the same image with the same settings and the two results are shown side by
+  side, one class name in one colour in both panels (`compare_segmentations`).
 * **Detection** tab: an offered object detector (a fine-tuned ``DeformableDetrForObjectDetection`` folder, or any
   ``*ForObjectDetection`` model) draws its boxes above a score threshold on the uploaded image, with class names
   and scores, and lists them in a table. Below, the same image is the base of a CutMix composite (pastes cut from a
@@ -37,6 +39,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -77,6 +80,9 @@ MAX_FILE_SIZE = os.environ.get("HF_USEG_MAX_FILE_SIZE", "25mb")  # uploads above
 PROBES = ("cluster", "linear")
 MASK_OPACITY = 0.6  # the image shows through the coloured segments
 ALL_METHODS = "all methods"
+# the names a model gives its outputs before evaluation matches them to classes (hf_useg's ``cluster_<i>``,
+# ``class_<i>`` of an unnamed linear probe, transformers' ``LABEL_<i>``): two models' ``cluster_0`` are unrelated
+_PLACEHOLDER_NAME = re.compile(r"(?:cluster|class|LABEL)_\d+")
 DETECTION_TASK = "object-detection"
 DETECTION_THRESHOLD = 0.5  # default of the score slider
 # The longer side of the detector's input (DETR's processors: shorter side 800, longer at most 1333); larger
@@ -92,6 +98,18 @@ cluster is named after the class it was matched to during evaluation (`config.id
 supervised reference. Flip TTA averages the prediction with that of the mirrored image; the dense CRF snaps
 segment borders to image edges. The gallery shows where each attention head of the last backbone layer looks
 (CLS query)."""
+
+COMPARE_INTRO = """### Compare two models
+
+The image, probe, flip TTA and CRF settings above, segmented by the model above (**A**) and by a second model
+(**B**), side by side. **Colours:** a class name has the same colour in both panels, so a class both models were
+matched to during evaluation (e.g. *sky* in both) reads at a glance; unnamed clusters (`cluster_<i>`: a model's own
+grouping, not matched to a class) have colours of their own, never shared with the other panel."""
+
+ONE_MODEL_NOTE = """### Compare two models
+
+*One segmentation model is offered: start the app with a second `--model FOLDER` (or add one to `HF_USEG_MODELS`)
+to compare two models side by side on the same image.*"""
 
 DETECTION_INTRO = """Boxes of an **object detector**: a `transformers` `DeformableDetrForObjectDetection` fine-tuned
 from a CutMix-DETReg-pretrained detector (`hf-useg` detection fine-tuning), or any other `*ForObjectDetection` model
@@ -232,6 +250,8 @@ class Segmentation:
     info: str
     all_names: list[str]  # every segment name the model can output (either probe): fixes the colours
     input_size: tuple[int, int] = (0, 0)  # (height, width) of the backbone input
+    model_name: str = ""
+    method: str = ""
 
 
 def _palette_hex(count: int) -> list[str]:
@@ -385,11 +405,17 @@ def _as_rgb_image(image: Any) -> Image.Image:
 
 
 def segment(
-    image: Any, model_name: str, probe: str = "cluster", crf: bool = False, flip_tta: bool = True
+    image: Any,
+    model_name: str,
+    probe: str = "cluster",
+    crf: bool = False,
+    flip_tta: bool = True,
+    with_attention: bool = True,
 ) -> Segmentation:
     """Segment ``image`` (a PIL image, an array or a file path) with the model's evaluation pipeline (`predict`:
     flip TTA -> upsampled code -> probe -> optional dense CRF) at the image's own size, downscaled to at most
-    ``MAX_IMAGE_SIDE`` per side; the backbone sees at most ``MAX_TOKENS`` patch tokens.
+    ``MAX_IMAGE_SIDE`` per side; the backbone sees at most ``MAX_TOKENS`` patch tokens. ``with_attention=False``
+    skips the attention maps (``result.attention`` is then empty).
 
     Example:
 
@@ -420,8 +446,10 @@ def segment(
         scores, labels = prediction.linear_crf_probs if crf else prediction.linear_log_probs, loaded.linear_labels
     label_map = scores.argmax(1)[0].cpu().numpy()
     seconds = time.perf_counter() - start
-    with loaded.lock:
-        attention, attention_input = attention_maps(loaded, pixel_values, image.size)
+    attention, attention_input = [], None
+    if with_attention:
+        with loaded.lock:
+            attention, attention_input = attention_maps(loaded, pixel_values, image.size)
     present = np.unique(label_map)
     info = (
         f"**{loaded.method}** · `{loaded.name}` · {probe} probe · flip TTA {'on' if flip_tta else 'off'} · "
@@ -432,17 +460,31 @@ def segment(
         info += f"  \nThe backbone input was reduced to stay within {MAX_TOKENS} patch tokens."
     if attention_input is not None:
         info += f"  \nAttention maps from a {attention_input[1]}×{attention_input[0]} input (memory bound)."
-    if not attention:
+    if with_attention and not attention:
         info += "  \nThis backbone has no CLS token: no attention maps."
     all_names = loaded.cluster_labels + (loaded.linear_labels or [])
-    return Segmentation(image, label_map, list(labels), attention, info, all_names, tuple(pixel_values.shape[-2:]))
+    return Segmentation(
+        image,
+        label_map,
+        list(labels),
+        attention,
+        info,
+        all_names,
+        tuple(pixel_values.shape[-2:]),
+        loaded.name,
+        loaded.method,
+    )
 
 
-def annotations(result: Segmentation) -> tuple[Image.Image, list[tuple[np.ndarray, str]], dict[str, str]]:
+def annotations(
+    result: Segmentation, palette: dict[str, str] | None = None
+) -> tuple[Image.Image, list[tuple[np.ndarray, str]], dict[str, str]]:
     """``(image, [(mask, label)], color_map)`` for `gr.AnnotatedImage`: one mask per segment present, largest
-    first; a name keeps its colour whichever probe produced it."""
-    names = sorted(set(result.labels) | set(result.all_names))
-    palette = dict(zip(names, _palette_hex(len(names))))
+    first; a name keeps its colour whichever probe produced it. ``palette`` (name -> ``#rrggbb``, covering every
+    name of the result) gives the colours instead, e.g. one of `shared_palettes`."""
+    if palette is None:
+        names = sorted(set(result.labels) | set(result.all_names))
+        palette = dict(zip(names, _palette_hex(len(names))))
     ids, counts = np.unique(result.label_map, return_counts=True)
     pairs, color_map = [], {}
     for segment_id in ids[np.argsort(-counts, kind="stable")].tolist():
@@ -455,6 +497,104 @@ def annotations(result: Segmentation) -> tuple[Image.Image, list[tuple[np.ndarra
         pairs.append((mask, label))
         color_map[label] = palette[label]
     return result.image, pairs, color_map
+
+
+def is_class_name(name: str) -> bool:
+    """Whether a segment name names a class (evaluation matched the segment to it), not a placeholder such as
+    ``cluster_3`` that only numbers a model's own outputs."""
+    return _PLACEHOLDER_NAME.fullmatch(name) is None
+
+
+def shared_palettes(results: Sequence[Segmentation]) -> list[dict[str, str]]:
+    """One colour map (name -> ``#rrggbb``) per result, from one palette: a class name has the same colour in every
+    result; a placeholder name (see `is_class_name`) gets a colour of its own in each result, used by no other name
+    of any result (the ``cluster_0`` of two models are unrelated groupings)."""
+    named: set[str] = set()
+    own = []
+    for result in results:
+        names = set(result.labels) | set(result.all_names)
+        named |= {name for name in names if is_class_name(name)}
+        own.append(sorted(name for name in names if not is_class_name(name)))
+    colors = _palette_hex(len(named) + sum(len(names) for names in own))
+    shared = dict(zip(sorted(named), colors))
+    palettes, start = [], len(shared)
+    for names in own:
+        palettes.append({**shared, **dict(zip(names, colors[start : start + len(names)]))})
+        start += len(names)
+    return palettes
+
+
+def _short_name(name: str, limit: int = 48) -> str:
+    """A model's name for a panel label: a local folder's last two parts (``stego-tiny/model``), a Hub id as is;
+    long names keep their end."""
+    path = Path(name)
+    if path.exists() and len(path.parts) > 2:
+        name = str(Path(*path.parts[-2:]))
+    return name if len(name) <= limit else "…" + name[-(limit - 1) :]
+
+
+@dataclass
+class Comparison:
+    results: tuple[Segmentation, Segmentation]  # model A's, model B's (same image, same settings)
+    palettes: tuple[dict[str, str], dict[str, str]]  # one colour per class name across both (`shared_palettes`)
+    panel_labels: tuple[str, str]  # "A · method · model" of each panel
+    shared_classes: list[str]  # class names both models can output (same colour in both panels)
+    info: str
+
+    def panel(self, index: int) -> tuple[Image.Image, list[tuple[np.ndarray, str]], dict[str, str]]:
+        """`annotations` of panel ``index`` (0: model A, 1: model B) in the shared colours."""
+        return annotations(self.results[index], self.palettes[index])
+
+
+def compare_segmentations(
+    image: Any, model_a: str, model_b: str, probe: str = "cluster", crf: bool = False, flip_tta: bool = True
+) -> Comparison:
+    """Segment one ``image`` with two models and the same settings (`segment`, without attention maps): the image
+    is opened and downscaled once, and each model's processor and token cap apply as for a single segmentation.
+    The panels are coloured by `shared_palettes`: a class name both models output has one colour.
+
+    Example:
+
+    ```python
+    >>> comparison = compare_segmentations("street.jpg", "outputs/stego/model", "outputs/km/model")  # doctest: +SKIP
+    >>> comparison.shared_classes, comparison.panel(0)[2]["sky"] == comparison.panel(1)[2]["sky"]    # doctest: +SKIP
+    (['road', 'sky'], True)
+    ```
+    """
+    if probe not in PROBES:
+        raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+    model_a, model_b = (model_a or "").strip(), (model_b or "").strip()
+    if not model_a or not model_b:
+        raise ValueError("choose two models to compare")
+    if model_a == model_b:
+        raise ValueError("choose two different models to compare (model B is model A)")
+    image = _as_rgb_image(image)
+    results = []
+    for letter, name in (("A", model_a), ("B", model_b)):
+        try:
+            results.append(segment(image, name, probe, crf, flip_tta, with_attention=False))
+        except ValueError as error:
+            raise ValueError(f"model {letter}: {error}") from error
+    first, second = results
+    palettes = shared_palettes(results)
+    labels = tuple(
+        f"{letter} · {result.method} · {_short_name(result.model_name)}" for letter, result in zip("AB", results)
+    )
+    shared = sorted(
+        {name for name in first.all_names if is_class_name(name)}
+        & {name for name in second.all_names if is_class_name(name)}
+    )
+    shown = sorted(
+        {first.labels[i] for i in np.unique(first.label_map)} & {second.labels[i] for i in np.unique(second.label_map)}
+    )
+    shown = [name for name in shown if is_class_name(name)]
+    if shared:
+        colours = f"Same colour, same class name in both panels: {', '.join(shared)}"
+        colours += f" (in both here: {', '.join(shown)})." if shown else " (none is in both panels here)."
+    else:
+        colours = "The two models share no class name: no colour is shared between the panels."
+    info = f"**A:** {first.info}\n\n**B:** {second.info}\n\n{colours}"
+    return Comparison((first, second), (palettes[0], palettes[1]), labels, shared, info)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -922,16 +1062,18 @@ def build_demo(
     examples_dir: str | os.PathLike | None = None,
     allow_custom_models: bool = False,
 ):
-    """The Gradio app (a `gr.Blocks`, queued, not launched): a Segmentation tab and a Detection tab (detections
-    and CutMix composites). ``model_dirs``: model folders or Hub ids offered first (see `discover_models`; each goes
-    to the tab of its kind, see `split_models`); ``examples_dir``: where the example scenes are written (default: a
-    new temp folder); ``allow_custom_models``: whether visitors may type any other local folder or Hub id (off: only
-    the offered models are ever loaded).
+    """The Gradio app (a `gr.Blocks`, queued, not launched): a Segmentation tab (with a side-by-side comparison of
+    two models when two or more are offered) and a Detection tab (detections and CutMix composites).
+    ``model_dirs``: model folders or Hub ids offered first (see `discover_models`; each goes to the tab of its kind,
+    see `split_models`); ``examples_dir``: where the example scenes are written (default: a new temp folder);
+    ``allow_custom_models``: whether visitors may type any other local folder or Hub id (off: only the offered
+    models are ever loaded).
 
     The API endpoints: ``/segment(image, model, probe, crf, flip_tta) -> (annotated image, attention gallery,
-    info)``, ``/detect(image, detector, threshold) -> (image with boxes, table, info)`` and ``/composite(image,
-    donor, seed, max_pastes) -> (gallery, info)``; at most ``CONCURRENCY`` requests run at once and ``QUEUE_SIZE``
-    wait.
+    info)``, ``/compare(image, model_a, model_b, probe, crf, flip_tta) -> (annotated image A, annotated image B,
+    info)`` (two models side by side, see `compare_segmentations`), ``/detect(image, detector, threshold) -> (image
+    with boxes, table, info)`` and ``/composite(image, donor, seed, max_pastes) -> (gallery, info)``; at most
+    ``CONCURRENCY`` requests run at once and ``QUEUE_SIZE`` wait.
 
     Example:
 
@@ -968,6 +1110,26 @@ def build_demo(
                 logger.exception("segmentation failed")
             raise gr.Error(_user_message(error)) from error
         return gr.AnnotatedImage(value=(base, pairs), color_map=color_map), result.attention, result.info
+
+    def run_compare(image, model_a, model_b, probe, crf, flip_tta):
+        model_a = check_offered(model_a, models, "model")
+        model_b = check_offered(model_b, models, "model")
+        if len(models) < 2 and not allow_custom_models:
+            raise gr.Error("comparing needs two segmentation models: this app offers one")
+        try:
+            comparison = compare_segmentations(image, model_a, model_b, probe, bool(crf), bool(flip_tta))
+            panels = [comparison.panel(index) for index in (0, 1)]
+        except Exception as error:
+            if not isinstance(error, (ValueError, TypeError)):
+                logger.exception("comparison failed")
+            raise gr.Error(_user_message(error)) from error
+        return (
+            *(
+                gr.AnnotatedImage(value=(base, pairs), color_map=color_map, label=label)
+                for (base, pairs, color_map), label in zip(panels, comparison.panel_labels)
+            ),
+            comparison.info,
+        )
 
     def run_detection(image, detector_name, threshold):
         detector_name = check_offered(detector_name, detectors, "detector")
@@ -1043,6 +1205,23 @@ def build_demo(
                     format="png",
                     elem_id="attention",
                 )
+                can_compare = len(models) >= 2
+                gr.Markdown(COMPARE_INTRO if can_compare else ONE_MODEL_NOTE, elem_id="compare-intro")
+                with gr.Column(visible=can_compare, elem_id="compare"):
+                    with gr.Row():
+                        model_b = gr.Dropdown(
+                            choices=models,
+                            value=models[1] if can_compare else None,
+                            allow_custom_value=allow_custom_models,
+                            label=f"Model B{custom}",
+                            elem_id="model-b",
+                            scale=3,
+                        )
+                        compare_button = gr.Button("Compare A and B", elem_id="compare-button", scale=1)
+                    with gr.Row():
+                        panel_a = gr.AnnotatedImage(label="A", show_legend=True, format="png", elem_id="compare-a")
+                        panel_b = gr.AnnotatedImage(label="B", show_legend=True, format="png", elem_id="compare-b")
+                    compare_info = gr.Markdown(elem_id="compare-info")
             with gr.Tab("Detection", id="detection"):
                 gr.Markdown(DETECTION_INTRO if detectors else DETECTION_INTRO + NO_DETECTOR_NOTE)
                 with gr.Row():
@@ -1095,6 +1274,12 @@ def build_demo(
         method.change(models_for, inputs=method, outputs=model, api_name=False)
         button.click(
             run, inputs=[image, model, probe, crf, flip_tta], outputs=[annotated, attention, info], api_name="segment"
+        )
+        compare_button.click(
+            run_compare,
+            inputs=[image, model, model_b, probe, crf, flip_tta],
+            outputs=[panel_a, panel_b, compare_info],
+            api_name="compare",
         )
         detect_button.click(
             run_detection,
