@@ -10,6 +10,10 @@ test images with both evaluators (COCO AP and DETReg's VOC07 AP). No model selec
 
     .venv/bin/python benchmarks/detreg_raccoon_experiment.py --seeds 0 1 --output-dir outputs/detreg-raccoon
 
+(About 1 h on 2 CPU cores. The README's table ran one process per seed with ``OMP_NUM_THREADS=1``, each
+``--seeds N`` into the same ``--output-dir``, then the command above, which reuses the finished runs and writes the
+table; two threads per process on a machine shared with other work was 4x slower.)
+
 Runs already finished in ``--output-dir`` are reused (the experiment resumes). Prints a Markdown table (mean ± std
 over seeds, per arm) and writes ``results.json`` and ``table.md``. A difference below twice the seed spread is
 reported as inconclusive.
@@ -121,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--finetune-steps", type=int, default=300)
-    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--pretrain-steps", type=int, default=250)
+    parser.add_argument("--finetune-steps", type=int, default=250)
+    parser.add_argument("--resolution", type=int, default=192)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--output-dir", type=Path, default=ROOT / "outputs" / "detreg-raccoon-experiment")
     options = parser.parse_args(argv)
