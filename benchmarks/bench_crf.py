@@ -257,8 +257,11 @@ def main() -> None:
     parser.add_argument("--miou", action="store_true", help="CamVid val mIoU with each backend (needs --model)")
     parser.add_argument("--resolution", type=int, default=320, help="crop of the 320 row and of --miou")
     parser.add_argument("--small", action="store_true", help="CI size: 2 images at 1/4 size, 1 repeat")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.miou and not args.model:
         parser.error("--miou needs --model (a fitted model whose clusters to score)")
     if args.small:
@@ -271,7 +274,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
     print(
         f"dense CRF, pydensecrf2 vs torch ({args.device}): {os.cpu_count()} CPUs {device_name or platform.machine()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}"
     )
     if have_camvid:
         print(f"images: the first {args.num_images} CamVid val images ({args.camvid})")
@@ -291,6 +294,7 @@ def main() -> None:
         logits = model_logits(model, images, args.device) if model else proxy_logits(images, args.num_classes)
         rows.append(time_row(images, logits, args))
     shutdown_crf_workers()
+    print(f"load average after the timing: {os.getloadavg()[0]:.2f} (a busy machine slows torch's threads most)")
     print_rows(rows, args.workers)
     results = {"rows": rows}
 
