@@ -297,16 +297,20 @@ def _build_lattice(features: torch.Tensor, group_size: int) -> _Lattice:
     if group_stride * max(num_pixels // group_size, 1) >= 2**62:
         raise ValueError("the CRF features span too large a range for the lattice's int64 keys")
     stride_t = torch.tensor(strides, dtype=torch.int64, device=device)
-    codes = torch.empty(num_pixels, d + 1, dtype=torch.int64, device=device)
-    codes[:, 0] = ((rem0[:d] - low[:, None]) * stride_t[:d, None]).sum(0)
-    codes[:, 0] += torch.arange(num_pixels, device=device) // group_size * group_stride
+    codes = torch.empty(d + 1, num_pixels, dtype=torch.int64, device=device)
+    codes[0] = ((rem0[:d] - low[:, None]) * stride_t[:d, None]).sum(0)
+    if num_pixels > group_size:
+        codes[0].view(-1, group_size).add_(
+            torch.arange(num_pixels // group_size, device=device)[:, None] * group_stride
+        )
     # vertex r = vertex r - 1 + 1 on every coordinate, - d on the one of rank d - r + 1
     stride_of_rank = torch.zeros(d + 1, num_pixels, dtype=torch.int64, device=device)
     stride_of_rank.scatter_(0, rank, stride_t[:, None].expand(d + 1, num_pixels))
     for r in range(1, d + 1):
-        torch.sub(codes[:, r - 1] + sum(strides), stride_of_rank[d - r + 1] * (d + 1), out=codes[:, r])
+        torch.sub(codes[r - 1] + sum(strides), stride_of_rank[d - r + 1] * (d + 1), out=codes[r])
 
-    sorted_codes, order = torch.sort(codes.view(-1), stable=True)
+    # pixel-major order, as the library splats: a stable sort keeps each lattice point's pixels in that order
+    sorted_codes, order = torch.sort(codes.T.reshape(-1), stable=True)
     first = torch.ones_like(sorted_codes, dtype=torch.bool)
     torch.ne(sorted_codes[1:], sorted_codes[:-1], out=first[1:])
     point_of_sorted = first.cumsum(0) - 1
@@ -314,40 +318,47 @@ def _build_lattice(features: torch.Tensor, group_size: int) -> _Lattice:
     slice_points = torch.empty_like(point_of_sorted).index_put_((order,), point_of_sorted)
     points = sorted_codes[first]
 
-    # Blur bags, point by point: [the point, its neighbour 1, its neighbour 2], missing neighbours left out.
-    # Neighbour 1 along an axis: every key coordinate - 1 except + d on the axis itself; neighbour 2 the opposite,
-    # so b is a's neighbour 1 exactly when a is b's neighbour 2 and one search finds both. Scatters whose missing
-    # entries go to a spare last slot stand in for boolean masks (which need a host sync each).
-    blur = []
-    point_ids = torch.arange(num_points, device=device)
-    for axis in range(d + 1):
-        target = points + ((d + 1) * strides[axis] - sum(strides))
-        at = torch.searchsorted(points, target).clamp_(max=num_points - 1)
-        found = points[at] == target
-        at_or_spare = torch.where(found, at, num_points)
-        minus = torch.empty(num_points + 1, dtype=torch.int64, device=device).scatter_(0, at_or_spare, point_ids)
-        has_minus = torch.zeros(num_points + 1, dtype=torch.bool, device=device).scatter_(0, at_or_spare, True)
-        has_minus = has_minus[:num_points]
-        counts = 1 + found.to(torch.int64) + has_minus
-        ends = counts.cumsum(0)
-        offsets = ends - counts
-        total = int(ends[-1])
-        indices = torch.empty(total + 1, dtype=torch.int64, device=device)
-        indices[offsets] = point_ids
-        indices.scatter_(0, torch.where(found, offsets + 1, total), at)
-        indices.scatter_(0, torch.where(has_minus, ends - 1, total), minus[:num_points])
-        weights = torch.full((total,), 0.5, device=device).index_fill_(0, offsets, 1.0)
-        blur.append((indices[:total], offsets, weights))
+    # Blur bags, point by point and axis by axis: [the point, its neighbour 1, its neighbour 2], missing
+    # neighbours left out. Neighbour 1 along an axis: every key coordinate - 1 except + d on the axis itself;
+    # neighbour 2 the opposite, so b is a's neighbour 1 exactly when a is b's neighbour 2 and one search finds
+    # both. Scatters whose missing entries go to a spare last slot stand in for boolean masks.
+    shifts = torch.tensor([(d + 1) * strides[axis] - sum(strides) for axis in range(d + 1)], device=device)
+    target = points + shifts[:, None]  # [d + 1, M]
+    at = torch.searchsorted(points, target).clamp_(max=num_points - 1)
+    found = points[at] == target
+    at_or_spare = torch.where(found, at, num_points)
+    point_ids = torch.arange(num_points, device=device).expand(d + 1, num_points)
+    minus = torch.empty(d + 1, num_points + 1, dtype=torch.int64, device=device).scatter_(1, at_or_spare, point_ids)
+    has_minus = torch.zeros(d + 1, num_points + 1, dtype=torch.bool, device=device).scatter_(1, at_or_spare, True)
+    counts = 1 + found.to(torch.int64) + has_minus[:, :num_points]
+    ends = counts.view(-1).cumsum(0).view(d + 1, num_points)  # one flat array for all axes
+    starts = ends - counts
+    total = int(ends[-1, -1])
+    indices = torch.empty(total + 1, dtype=torch.int64, device=device)
+    indices[starts] = point_ids
+    indices.scatter_(0, torch.where(found, starts + 1, total).view(-1), at.view(-1))
+    indices.scatter_(0, torch.where(has_minus[:, :num_points], ends - 1, total).view(-1), minus[:, :-1].reshape(-1))
+    weights = torch.full((total,), 0.5, device=device).index_fill_(0, starts.view(-1), 1.0)
+    bounds = [0, *ends[:, -1].tolist()]
+    index_type = torch.int32 if max(total, num_pixels * (d + 1)) < 2**31 else torch.int64  # int32: faster bags
+    blur = [
+        (
+            indices[bounds[axis] : bounds[axis + 1]].to(index_type),
+            (starts[axis] - bounds[axis]).to(index_type),
+            weights[bounds[axis] : bounds[axis + 1]],
+        )
+        for axis in range(d + 1)
+    ]
 
     alpha = float(np.float32(1.0 / (1.0 + 2.0 ** (-d))))
     return _Lattice(
         num_points=num_points,
-        splat_pixels=order // (d + 1),
+        splat_pixels=(order // (d + 1)).to(index_type),
         splat_weights=bary.view(-1)[order],
-        splat_offsets=first.nonzero().squeeze(1),
-        slice_points=slice_points,
+        splat_offsets=first.nonzero().squeeze(1).to(index_type),
+        slice_points=slice_points.to(index_type),
         slice_weights=bary * alpha,
-        slice_offsets=torch.arange(num_pixels, device=device) * (d + 1),
+        slice_offsets=torch.arange(0, num_pixels * (d + 1), d + 1, device=device, dtype=index_type),
         blur=blur,
     )
 
