@@ -246,6 +246,11 @@ class StegoTrainingOptions(RecipeOptions):
         cache_backbone_features: run the frozen backbone once over the training set instead of twice per step.
         calibrate_shifts: set the positive shifts to the backbone's median feature correlations
             ([`calibrate_shifts`]) — for backbones other than DINO ViT-B/8.
+        cluster_probe_init: ``"random"`` (STEGO's: the cluster probe's centroids start at N(0, 1)) or
+            ``"kmeans"``: after the first step they are set by spherical k-means (k-means++, 5 restarts) of that
+            batch's code ([`kmeans_probe_centroids`]). The probe learns by gradient with hard assignments, so a
+            centroid that starts where no code is nearest stays (almost) empty and two classes share one for the
+            rest of training; with few classes that costs a whole class of the cluster probe.
 
     Example:
 
@@ -269,6 +274,7 @@ class StegoTrainingOptions(RecipeOptions):
     probe_learning_rate: float = 5e-3
     cache_backbone_features: bool = False
     calibrate_shifts: bool = False
+    cluster_probe_init: str = "random"
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "cocostuff27": {"max_steps": 7000, "batch_size": 32, "five_crop": True},
@@ -284,6 +290,34 @@ class StegoTrainingOptions(RecipeOptions):
             raise ValueError(f"num_neighbors must be >= 1 and knn_k >= 2, got {self.num_neighbors}, {self.knn_k}")
         if self.head_learning_rate <= 0 or self.probe_learning_rate <= 0:
             raise ValueError("head_learning_rate and probe_learning_rate must be > 0")
+        if self.cluster_probe_init not in ("random", "kmeans"):
+            raise ValueError(f"cluster_probe_init must be 'random' or 'kmeans', got {self.cluster_probe_init!r}")
+
+
+@torch.no_grad()
+def kmeans_probe_centroids(
+    code: torch.Tensor, num_clusters: int, norm: float | torch.Tensor, seed: int = 0, num_init: int = 5
+) -> torch.Tensor:
+    """Cluster-probe centroids ``[num_clusters, D]`` from a batch of code ``[B, D, h, w]``: spherical k-means
+    (`hf_useg.clustering.kmeans`, ``metric="cosine"``, k-means++ with ``num_init`` restarts) of its vectors, each
+    centroid scaled to ``norm`` (the probe's cosine ignores it; it sets how far Adam's steps turn a centroid).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> code = torch.cat([torch.randn(1, 2, 4, 4) * 0.1 + torch.tensor([5.0, 0.0])[None, :, None, None],
+    ...                   torch.randn(1, 2, 4, 4) * 0.1 + torch.tensor([0.0, 5.0])[None, :, None, None]])
+    >>> centroids = kmeans_probe_centroids(code, 2, norm=2.0)
+    >>> sorted(round(abs(value)) for value in centroids.flatten().tolist())
+    [0, 0, 2, 2]
+    ```
+    """
+    from ...clustering import kmeans
+
+    vectors = code.detach().float().permute(0, 2, 3, 1).reshape(-1, code.shape[1])
+    result = kmeans(vectors, num_clusters, metric="cosine", num_init=num_init, seed=seed)
+    return torch.nn.functional.normalize(result.centroids, dim=1) * norm
 
 
 class StegoPairs(Dataset):
@@ -395,6 +429,8 @@ class StegoRecipe(Recipe):
         if options.calibrate_shifts:
             self._calibrate(model, items, knn, cache)
         self.pairs = StegoPairs(items, knn, num_neighbors, cache)
+        self._first_code: torch.Tensor | None = None
+        self._probe_init_pending = options.cluster_probe_init == "kmeans"
         model.correlation_loss.output_statistics = True
         self._statistics: dict[str, torch.Tensor] = {}
         self._statistics_hook = model.correlation_loss.register_forward_hook(self._keep_statistics)
@@ -426,8 +462,27 @@ class StegoRecipe(Recipe):
     def num_train_items(self) -> int:
         return len(self.pairs)
 
+    def after_optimizer_step(self, model, step: int) -> None:
+        if not self._probe_init_pending:
+            return
+        self._probe_init_pending = False
+        if step != 0:  # a resumed run: its checkpoint holds the initialised probe
+            self._first_code = None
+            return
+        # every process must set the same centroids: cluster the code of all processes' first batches
+        code = self.run.accelerator.gather(self._first_code)
+        self._first_code = None
+        probe = model.cluster_probe
+        norm = probe.clusters.detach().norm(dim=1, keepdim=True).mean()
+        centroids = kmeans_probe_centroids(code, probe.num_clusters, norm, seed=self.args.seed)
+        with torch.no_grad():
+            probe.clusters.copy_(centroids.to(probe.clusters))
+        # the first step's Adam moments belong to the random centroids
+        self._optimizer.state.pop(probe.clusters, None)
+        logger.info("initialised the cluster probe by k-means of the first batch's code (%s vectors)", code.shape)
+
     def make_optimizer(self, model: StegoForUnsupervisedSegmentation) -> torch.optim.Optimizer:
-        return torch.optim.Adam(
+        self._optimizer = torch.optim.Adam(
             [
                 {"params": list(model.segmentation_head.parameters()), "lr": self.options.head_learning_rate},
                 {
@@ -436,6 +491,7 @@ class StegoRecipe(Recipe):
                 },
             ]
         )
+        return self._optimizer
 
     def train_dataloader(self, batches: StepBatchSampler) -> DataLoader:
         return DataLoader(
@@ -451,6 +507,8 @@ class StegoRecipe(Recipe):
         names = ("correlation_loss", "pos_intra", "pos_inter", "neg_inter", "cluster_probe_loss", "linear_probe_loss")
         logs = {name: getattr(output, name).detach() for name in names if getattr(output, name, None) is not None}
         logs.update(self._statistics)  # the loss's code statistics, caught by the hook set in `setup`
+        if self._probe_init_pending:
+            self._first_code = output.code.detach()
         return TrainingStepOutput(loss=output.loss, logs=logs)
 
     def on_log(self, logs: dict[str, float], step: int) -> None:
