@@ -19,9 +19,14 @@ synthetic images and agreement is reported for them; ``--small`` shrinks everyth
     python benchmarks/bench_crf.py --device cuda                     # the torch backend on the GPU
     python benchmarks/bench_crf.py --small                           # seconds: 2 small images, 1 repeat
     python benchmarks/bench_crf.py --workers 2                       # also the reference in 2 processes
+    python benchmarks/bench_crf.py --threads 1                       # see below
 
-A model for ``--model`` (offline: the backbone is randomly initialised; with the Hub use
-``training/configs/dino_kmeans_camvid.yaml`` as it is):
+pydensecrf runs on one core. On a CPU that other processes keep busy (a load average above the number of cores)
+torch's default one-thread-per-core makes its threads wait on each other at every operation, and the torch
+backend is then several times slower than with ``--threads 1``; the header prints the load average.
+
+A model for ``--model`` (offline: the backbone is randomly initialised, cluster mIoU ~13% on CamVid val; with
+the Hub use ``training/configs/dino_kmeans_camvid.yaml`` as it is):
 
     python training/train.py --config training/configs/dino_kmeans_camvid.yaml --backbone random-vit-small-8 \\
         --output_dir outputs/km-camvid
