@@ -274,7 +274,8 @@ def predict_examples(
     processing, ``model.predict`` with ``flip_tta``, no CRF, at the label's size).
 
     Args:
-        indices: which images of ``dataset`` (default: the first ``num_examples``).
+        indices: which images of ``dataset`` (default: ``num_examples`` spread evenly over it, first and last
+            included — consecutive images of a video split are near duplicates).
 
     Example:
 
@@ -287,7 +288,7 @@ def predict_examples(
     from .data.processing import ProcessedSegmentationDataset, collate_segmentation_batch
 
     if indices is None:
-        indices = range(min(num_examples, len(dataset)))
+        indices = np.unique(np.linspace(0, len(dataset) - 1, min(num_examples, len(dataset))).round())
     indices = [int(index) for index in indices]
     examples = ExampleSet([], [], [], indices)
     if not indices:
@@ -329,8 +330,9 @@ def evaluate_for_report(
     progress: bool = False,
 ) -> ModelReport:
     """Evaluate a model for a comparison report: `evaluate_segmenter` with the given protocol (the same numbers as
-    ``hf-useg evaluate``), the predictions of the first ``num_examples`` images (`predict_examples`) and the
-    model's description (`describe_model`; ``model_path`` is its folder or Hub id, also its default ``name``).
+    ``hf-useg evaluate``), the predictions of ``num_examples`` images spread over the dataset
+    (`predict_examples`) and the model's description (`describe_model`; ``model_path`` is its folder or Hub id,
+    also its default ``name``).
 
     Example:
 
