@@ -579,6 +579,30 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data and protocol options `evaluate` and `compare` share."""
+    parser.add_argument("--dataset", required=True, help="Hub id, datasets folder, Parquet, or images/labels folder")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--num-classes", type=int, default=None)
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="shorter side + center crop; detectors: the shorter side (default: the model's processor)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--matching", choices=["hungarian", "majority", "none"], default="hungarian")
+    parser.add_argument("--crf", action="store_true", help="also score the dense-CRF refined predictions")
+    parser.add_argument("--crf-workers", type=int, default=0)
+    parser.add_argument("--no-flip-tta", action="store_true", help="disable horizontal-flip test-time augmentation")
+    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--image-column", default=None, help="the dataset's image column (default: found by name)")
+    parser.add_argument("--label-column", default=None, help="the dataset's label column (default: found by name)")
+    parser.add_argument("--report-examples", type=int, default=4, help="images in the report's examples grid")
+    parser.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-useg", description="Unsupervised semantic segmentation on the HF stack")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
@@ -599,32 +623,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     evaluate.add_argument("model", help="model folder or Hub id")
-    evaluate.add_argument("--dataset", required=True, help="Hub id, datasets folder, Parquet, or images/labels folder")
-    evaluate.add_argument("--split", default="val")
-    evaluate.add_argument("--num-classes", type=int, default=None)
-    evaluate.add_argument(
-        "--resolution",
-        type=int,
-        default=None,
-        help="shorter side + center crop; detectors: the shorter side (default: the model's processor)",
-    )
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--matching", choices=["hungarian", "majority", "none"], default="hungarian")
-    evaluate.add_argument("--crf", action="store_true", help="also score the dense-CRF refined predictions")
-    evaluate.add_argument("--crf-workers", type=int, default=0)
-    evaluate.add_argument("--no-flip-tta", action="store_true", help="disable horizontal-flip test-time augmentation")
-    evaluate.add_argument("--max-images", type=int, default=None)
-    evaluate.add_argument("--device", default=None)
+    _add_scoring_arguments(evaluate)
     evaluate.add_argument(
         "--output-dir", default=None, help="where eval_results.json (and, segmentation, per_class_iou.csv) go"
     )
-    evaluate.add_argument("--image-column", default=None, help="the dataset's image column (default: found by name)")
-    evaluate.add_argument("--label-column", default=None, help="the dataset's label column (default: found by name)")
-    evaluate.add_argument("--quiet", action="store_true")
     evaluate.add_argument(
         "--report", default=None, metavar="DIR", help="also write a report folder (report.md/html, figures)"
     )
-    evaluate.add_argument("--report-examples", type=int, default=4, help="images in the report's examples grid")
     evaluate.set_defaults(func=cmd_evaluate)
 
     compare = commands.add_parser(
@@ -638,22 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     compare.add_argument("models", nargs="+", help="model folders or Hub ids")
-    compare.add_argument("--dataset", required=True, help="Hub id, datasets folder, Parquet, or images/labels folder")
-    compare.add_argument("--split", default="val")
-    compare.add_argument("--num-classes", type=int, default=None)
-    compare.add_argument("--resolution", type=int, default=None, help="shorter side + center crop")
-    compare.add_argument("--batch-size", type=int, default=8)
-    compare.add_argument("--matching", choices=["hungarian", "majority", "none"], default="hungarian")
-    compare.add_argument("--crf", action="store_true", help="also score the dense-CRF refined predictions")
-    compare.add_argument("--crf-workers", type=int, default=0)
-    compare.add_argument("--no-flip-tta", action="store_true", help="disable horizontal-flip test-time augmentation")
-    compare.add_argument("--max-images", type=int, default=None)
-    compare.add_argument("--device", default=None)
+    _add_scoring_arguments(compare)
     compare.add_argument("--output-dir", default="outputs/compare", help="the report folder")
-    compare.add_argument("--image-column", default=None)
-    compare.add_argument("--label-column", default=None)
-    compare.add_argument("--report-examples", type=int, default=4, help="images in the examples grid")
-    compare.add_argument("--quiet", action="store_true")
     compare.set_defaults(func=cmd_compare)
 
     diagnose = commands.add_parser(
