@@ -189,8 +189,9 @@ def test_per_layer_predictions_match_the_detector(with_box_refine):
     pixel_values, _, _ = _batch()
     out = model(pixel_values)
     reference = model.detector(pixel_values)
-    torch.testing.assert_close(out.logits, reference.logits, rtol=0, atol=0)
-    torch.testing.assert_close(out.pred_boxes, reference.pred_boxes, rtol=0, atol=0)
+    # two forward passes: floats compared with a tolerance (another CPU may pick another kernel)
+    torch.testing.assert_close(out.logits, reference.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.pred_boxes, reference.pred_boxes, rtol=1e-5, atol=1e-6)
 
 
 def test_deformable_detr_head_initialisation(model):

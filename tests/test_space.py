@@ -4,7 +4,6 @@ with the model's own `predict` on the saved image processor's output."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from space_app import load_space_app
 from tiny_configs import tiny_vit_config
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -34,11 +34,7 @@ TINY_CONFIG = REPO_ROOT / "training" / "configs" / "stego_tiny.yaml"
 
 
 def load_app():
-    spec = importlib.util.spec_from_file_location("hf_useg_space_app", REPO_ROOT / "spaces" / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_space_app("hf_useg_space_app")
 
 
 @pytest.fixture(scope="module")

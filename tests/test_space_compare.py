@@ -4,15 +4,14 @@ model, and a class name has one colour in both panels while unnamed clusters nev
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from space_app import load_space_app
 from tiny_configs import tiny_vit_config
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -25,16 +24,10 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from hf_useg import DinoForUnsupervisedSegmentation, DinoSegmentationConfig  # noqa: E402
 from hf_useg.image_processing import whole_image_processor  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def app():
-    spec = importlib.util.spec_from_file_location("hf_useg_space_app_compare", REPO_ROOT / "spaces" / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_space_app("hf_useg_space_app_compare")
 
 
 def _tiny_kmeans(folder: Path, seed: int, names: list[str] | None) -> Path:

@@ -5,10 +5,8 @@ through `gradio_client` on 127.0.0.1 (every answer complete)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from space_app import load_space_app
 from tiny_configs import tiny_vit_config
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -28,16 +27,10 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from hf_useg import DinoForUnsupervisedSegmentation, DinoSegmentationConfig  # noqa: E402
 from hf_useg.image_processing import whole_image_processor  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def app():
-    spec = importlib.util.spec_from_file_location("hf_useg_space_app_limits", REPO_ROOT / "spaces" / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_space_app("hf_useg_space_app_limits")
 
 
 def _tiny_dino(folder: Path, resolution: int) -> Path:
