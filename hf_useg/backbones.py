@@ -21,13 +21,28 @@ Example:
 >>> out.feature_map.shape, out.cls_token.shape, out.cls_attention.shape
 (torch.Size([1, 384, 40, 30]), torch.Size([1, 384]), torch.Size([1, 6, 40, 30]))
 ```
+
+Inference at the hardware's pace: the wrapped models use PyTorch's fused SDPA attention (transformers' default for
+ViT/DINOv2; eager only for a call that asks for CLS attention maps), and [`backbone_autocast`] runs every
+`FeatureBackbone` forward of a block under ``torch.autocast`` (bf16 on a GPU) while the features come out in the
+parameters' dtype, so heads, losses and metrics stay in float32:
+
+```python
+>>> with backbone_autocast(torch.bfloat16):
+...     features = backbone(torch.randn(1, 3, 64, 64)).feature_map
+>>> features.dtype
+torch.float32
+```
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -49,14 +64,24 @@ from .configuration_utils import (  # noqa: F401  (re-exported: backbones is whe
 logger = logging.get_logger(__name__)
 # serialises the eager-attention switch of `FeatureBackbone._run_with_last_attention` across threads
 _ATTENTION_SWITCH = threading.RLock()
+# the dtype `backbone_autocast` set for this thread / task (None: full precision); a ContextVar so that a served
+# model answering several requests at once, or a training loop beside an evaluation, never see each other's setting
+_AUTOCAST_DTYPE: ContextVar[torch.dtype | None] = ContextVar("hf_useg_backbone_autocast", default=None)
 
 __all__ = [
+    "AUTOCAST_DTYPE_NAMES",
     "BackboneFeatures",
     "FeatureBackbone",
+    "backbone_autocast",
     "dino_interpolate_pos_encoding",
     "dino_vit_config",
     "load_backbone_config",
+    "resolve_autocast_dtype",
 ]
+
+# what `resolve_autocast_dtype` (and ``hf-useg evaluate --dtype``) accepts by name
+AUTOCAST_DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+_AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
 # model types whose base model yields a token sequence [CLS, registers..., patches...]
@@ -206,6 +231,81 @@ def _last_stage_config(config: PreTrainedConfig) -> PreTrainedConfig:
     config.out_indices = None
     config.out_features = [stage_names[-1]]
     return config
+
+
+def _cuda_has_bfloat16(device: torch.device) -> bool:
+    # native bf16 matmuls from Ampere (compute capability 8.0) on; torch.cuda.is_bf16_supported() also answers True
+    # for older cards that only emulate it (slower than float32)
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_autocast_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype | None:
+    """The autocast dtype a frozen backbone should run under on ``device``; `None` for full float32.
+
+    ``dtype`` is ``"auto"`` (bfloat16 on a CUDA GPU that computes it natively, float16 on an older GPU, float32
+    elsewhere), a name of `AUTOCAST_DTYPE_NAMES`, a `torch.dtype` (float32, bfloat16 or float16) or `None`
+    (float32). Raises a `ValueError` for other values and for a dtype the device cannot run: float16 on the CPU
+    (PyTorch's CPU float16 kernels are slower than float32), bfloat16 on a GPU without native bfloat16.
+
+    Example:
+
+    ```python
+    >>> resolve_autocast_dtype("auto", "cpu") is None, resolve_autocast_dtype("bfloat16", "cpu")
+    (True, torch.bfloat16)
+    ```
+    """
+    device = torch.device(device)
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in AUTOCAST_DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {', '.join(AUTOCAST_DTYPE_NAMES)}, got {dtype!r}")
+        if dtype == "auto":
+            if device.type != "cuda":
+                return None
+            return torch.bfloat16 if _cuda_has_bfloat16(device) else torch.float16
+        dtype = getattr(torch, dtype)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a name ({', '.join(AUTOCAST_DTYPE_NAMES)}) or a torch.dtype, got {dtype!r}")
+    if dtype == torch.float32:
+        return None
+    if dtype not in _AUTOCAST_DTYPES:
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("float16 autocast is for GPUs (on the CPU it is slower than float32): use bfloat16/float32")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not _cuda_has_bfloat16(device):
+        raise ValueError(
+            f"{torch.cuda.get_device_name(device)} has no native bfloat16 (compute capability "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))} < 8.0): use float16 or float32"
+        )
+    return dtype
+
+
+@contextlib.contextmanager
+def backbone_autocast(dtype: torch.dtype | None) -> Iterator[None]:
+    """Within the block, every [`FeatureBackbone`] forward of this thread runs under ``torch.autocast`` with
+    ``dtype`` on its input's device, and returns its features in its parameters' dtype (float32 for a float32
+    model), so what follows the backbone (heads, losses, metrics) runs at full precision.
+
+    ``dtype`` is `torch.bfloat16` or `torch.float16`; `None` or `torch.float32` run the backbone at full precision
+    (an inner block overrides an outer one). Pick it for a device with [`resolve_autocast_dtype`]. A forward's own
+    ``autocast_dtype`` argument takes precedence.
+
+    Example:
+
+    ```python
+    >>> model = StegoForUnsupervisedSegmentation.from_pretrained("stego-cocostuff27").cuda()  # doctest: +SKIP
+    >>> with backbone_autocast(torch.bfloat16):  # doctest: +SKIP
+    ...     prediction = model.predict(pixel_values.cuda())
+    ```
+    """
+    if dtype is not None and dtype != torch.float32 and dtype not in _AUTOCAST_DTYPES:
+        raise ValueError(f"backbone_autocast takes torch.bfloat16, torch.float16, torch.float32 or None: {dtype!r}")
+    token = _AUTOCAST_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _AUTOCAST_DTYPE.reset(token)
 
 
 class FeatureBackbone(nn.Module):
@@ -376,16 +476,33 @@ class FeatureBackbone(nn.Module):
             )
         return height // patch, width // patch
 
-    def forward(self, pixel_values: torch.Tensor, output_cls_attention: bool = False) -> BackboneFeatures:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_cls_attention: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> BackboneFeatures:
         """Features of ``pixel_values`` ``[B, C_in, H, W]`` (``H``, ``W`` multiples of `patch_size`).
 
         With ``output_cls_attention=True`` (ViTs only) the last layer's CLS→patch attention is returned too;
         the model runs with eager attention for that call (SDPA cannot return attention weights).
+
+        ``autocast_dtype`` (`torch.bfloat16` or `torch.float16`) runs the model under ``torch.autocast`` and returns
+        the outputs in the parameters' dtype; `torch.float32` runs it at full precision; `None` (default) follows
+        the enclosing [`backbone_autocast`] block, if any.
         """
-        if self.frozen:
-            with torch.no_grad():
+        dtype = _AUTOCAST_DTYPE.get() if autocast_dtype is None else autocast_dtype
+        if dtype is not None and dtype != torch.float32 and dtype not in _AUTOCAST_DTYPES:
+            raise ValueError(f"autocast_dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}")
+        with torch.no_grad() if self.frozen else contextlib.nullcontext():
+            if dtype not in _AUTOCAST_DTYPES:
                 return self._forward(pixel_values, output_cls_attention)
-        return self._forward(pixel_values, output_cls_attention)
+            with torch.autocast(device_type=pixel_values.device.type, dtype=dtype):
+                outputs = self._forward(pixel_values, output_cls_attention)
+            output_dtype = next(self.model.parameters()).dtype
+            return BackboneFeatures(
+                **{key: value.to(output_dtype) for key, value in outputs.items() if value is not None}
+            )
 
     def _forward(self, pixel_values: torch.Tensor, output_cls_attention: bool) -> BackboneFeatures:
         h, w = self._check_pixel_values(pixel_values)

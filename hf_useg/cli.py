@@ -1,6 +1,7 @@
 """The ``hf-useg`` console script.
 
 hf-useg evaluate MODEL --dataset PATH_OR_ID --split val [--num-classes N] [--crf] [--output-dir DIR]
+    [--device cuda] [--batch-size N] [--num-workers N] [--dtype auto|float32|bfloat16|float16]
     (an object detector, e.g. a fine-tuned Deformable DETR, is scored on a detection dataset with COCO and VOC07 AP)
 hf-useg demo [--output-dir DIR]
 hf-useg push MODEL_DIR REPO_ID [--private] [--token TOKEN] [--keep-card]   (or: push spaces/ REPO_ID --space)
@@ -129,6 +130,7 @@ def _check_evaluate_arguments(args: argparse.Namespace) -> None:
         ("batch_size", 1),
         ("max_images", 1),
         ("crf_workers", 0),
+        ("num_workers", 0),
         ("report_examples", 1),
     ):
         value = getattr(args, option)
@@ -138,6 +140,43 @@ def _check_evaluate_arguments(args: argparse.Namespace) -> None:
         raise CliError("--device does not apply under accelerate launch (each process uses its own device)")
     for model in getattr(args, "models", None) or [args.model]:
         _check_model_argument(model)
+
+
+def _inference_settings(args: argparse.Namespace, accelerator=None) -> tuple[Any, Any, int]:
+    """``(device, autocast dtype or None, DataLoader workers)`` of a segmentation evaluation: ``--device`` (default:
+    the accelerator's device, else the GPU when there is one, else the CPU), ``--dtype`` resolved for that device,
+    ``--num-workers`` (default: none on the CPU, up to 8 per process on a GPU)."""
+    import torch
+
+    from .backbones import resolve_autocast_dtype
+
+    if accelerator is not None:
+        device = accelerator.device
+    elif args.device:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as error:
+            raise CliError(f"--device {args.device!r} is not a device (e.g. cpu, cuda, cuda:1): {error}") from error
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {args.device}: this PyTorch has no CUDA GPU to run on (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CliError(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
+    try:
+        autocast_dtype = resolve_autocast_dtype(args.dtype, device)
+    except ValueError as error:
+        raise CliError(f"--dtype {args.dtype} on {device}: {error}") from error
+    num_workers = args.num_workers
+    if num_workers is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        processes = 1 if accelerator is None else accelerator.num_processes
+        num_workers = min(8, max(1, cpus // processes - 1)) if device.type == "cuda" else 0
+    return device, autocast_dtype, num_workers
+
+
+def _dtype_name(autocast_dtype: Any) -> str:
+    return "float32" if autocast_dtype is None else str(autocast_dtype).removeprefix("torch.")
 
 
 def _launched_processes() -> int:
@@ -171,6 +210,7 @@ def _object_detector_type(name_or_path: str) -> str | None:
 # options of segmentation evaluation, with the value that means "not given"
 _SEGMENTATION_ONLY_OPTIONS = {
     "num_classes": None,
+    "dtype": "auto",
     "matching": "hungarian",
     "crf": False,
     "crf_workers": 0,
@@ -269,6 +309,7 @@ def _evaluate_detector(args: argparse.Namespace, model_type: str) -> int:
         processor,
         batch_size=args.batch_size,
         max_images=args.max_images,
+        num_workers=args.num_workers or 0,
         accelerator=accelerator,
         progress=not args.quiet and main_process,
     )
@@ -357,12 +398,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         accelerator = Accelerator()
     main_process = accelerator is None or accelerator.is_main_process
+    device, autocast_dtype, num_workers = _inference_settings(args, accelerator)
 
     from .inference import evaluate_segmenter, format_per_class_table, summarize, write_evaluation_report
 
     model = _load_model(args.model, config, quiet=args.quiet)
-    if args.device:
-        model.to(args.device)
+    model.to(device)
     processor = _load_processor(args.model, args.resolution)
     results = evaluate_segmenter(
         model,
@@ -375,6 +416,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         crf_workers=args.crf_workers,
         matching=args.matching,
         max_images=args.max_images,
+        num_workers=num_workers,
+        device=device,
+        dtype=autocast_dtype or "float32",
         progress=not args.quiet and main_process,
         accelerator=accelerator,
     )
@@ -397,6 +441,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "matching": args.matching,
         },
         "processes": 1 if accelerator is None else accelerator.num_processes,
+        "inference": {"device": device.type, "dtype": _dtype_name(autocast_dtype)},
     }
     output_dir = Path(args.output_dir or Path("outputs") / "eval" / Path(args.model).name)
     csv_path = write_evaluation_report(results, output_dir, class_names, evaluation=evaluation)
@@ -416,7 +461,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .report import ModelReport, describe_model, model_display_name, predict_examples, write_comparison_report
 
         examples = predict_examples(
-            model, dataset, processor, num_classes, num_examples=args.report_examples, flip_tta=not args.no_flip_tta
+            model,
+            dataset,
+            processor,
+            num_classes,
+            num_examples=args.report_examples,
+            flip_tta=not args.no_flip_tta,
+            batch_size=args.batch_size,
+            device=device,
+            dtype=autocast_dtype or "float32",
         )
         report = ModelReport(
             name=model_display_name(args.model),
@@ -451,6 +504,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if _object_detector_type(model_path) is not None:
             raise CliError(f"{model_path} is an object detector: compare takes segmentation models")
     dataset, num_classes, class_names = _segmentation_data(args)
+    device, autocast_dtype, num_workers = _inference_settings(args)
     names = [model_display_name(path) for path in args.models]
     if len(set(names)) != len(names):
         names = [str(path) for path in args.models]
@@ -458,8 +512,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for model_path, name in zip(args.models, names):
         config = _load_model_config(model_path)
         model = _load_model(model_path, config, quiet=args.quiet)
-        if args.device:
-            model.to(args.device)
+        model.to(device)
         processor = _load_processor(model_path, args.resolution)
         if not args.quiet:
             print(f"evaluating {name}", file=sys.stderr)
@@ -478,6 +531,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 matching=args.matching,
                 max_images=args.max_images,
                 num_examples=args.report_examples,
+                num_workers=num_workers,
+                device=device,
+                dtype=autocast_dtype or "float32",
                 progress=not args.quiet,
             )
         )
@@ -590,13 +646,27 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="shorter side + center crop; detectors: the shorter side (default: the model's processor)",
     )
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader processes that prepare the next batches while the model runs (default: 0 on the CPU, up to "
+        "8 on a GPU)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="autocast dtype of the frozen backbone; heads and metric stay float32 (default: auto = bfloat16 on a "
+        "GPU, float32 on the CPU; float16 is for GPUs; detectors: float32 only)",
+    )
     parser.add_argument("--matching", choices=["hungarian", "majority", "none"], default="hungarian")
     parser.add_argument("--crf", action="store_true", help="also score the dense-CRF refined predictions")
     parser.add_argument("--crf-workers", type=int, default=0)
     parser.add_argument("--no-flip-tta", action="store_true", help="disable horizontal-flip test-time augmentation")
     parser.add_argument("--max-images", type=int, default=None)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the GPU when there is one)")
     parser.add_argument("--image-column", default=None, help="the dataset's image column (default: found by name)")
     parser.add_argument("--label-column", default=None, help="the dataset's label column (default: found by name)")
     parser.add_argument("--report-examples", type=int, default=4, help="images in the report's examples grid")
@@ -618,8 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Score a segmentation model (cluster and linear probes, mIoU) on a segmentation dataset, or an object "
             "detector (AutoModelForObjectDetection, e.g. a fine-tuned Deformable DETR) on a detection dataset with "
-            "COCO AP and DETReg's VOC07 AP. --num-classes, --matching, --crf, --crf-workers, --image-column and "
-            "--label-column are for segmentation models only."
+            "COCO AP and DETReg's VOC07 AP. --num-classes, --matching, --crf, --crf-workers, --dtype, --image-column "
+            "and --label-column are for segmentation models only."
         ),
     )
     evaluate.add_argument("model", help="model folder or Hub id")

@@ -3,6 +3,7 @@ base, and the evaluation-time `predict` (flip TTA -> bilinear upsample -> probes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -267,6 +268,7 @@ class UnsupervisedSegmentationPreTrainedModel(CheckedLoadingMixin, PreTrainedMod
         crf: bool = False,
         images: np.ndarray | Sequence[np.ndarray] | None = None,
         crf_workers: int = 0,
+        autocast_dtype: str | torch.dtype | None = None,
     ) -> UnsupervisedSegmentationPrediction:
         """Segment a batch in the method's evaluation order (STEGO, METHODS 1.3).
 
@@ -279,13 +281,24 @@ class UnsupervisedSegmentationPreTrainedModel(CheckedLoadingMixin, PreTrainedMod
                 from ``pixel_values`` the way STEGO does (un-normalise, x255, truncate; METHODS 0.7), bilinearly
                 resized first when ``output_size`` differs from the input size.
             crf_workers: CPU processes for the CRF (0 = in this process).
+            autocast_dtype: run the backbone under ``torch.autocast`` with this dtype (`torch.bfloat16`,
+                `torch.float16`, or ``"auto"``: bfloat16 on a GPU, full precision on the CPU; see
+                `hf_useg.backbones.resolve_autocast_dtype`); the heads and probes always run in the model's dtype.
+                `None` (default) follows an enclosing `hf_useg.backbones.backbone_autocast` block, if any;
+                ``"float32"`` / `torch.float32` runs the backbone at full precision.
         """
+        from .backbones import backbone_autocast, resolve_autocast_dtype
+
+        precision = contextlib.nullcontext()
+        if autocast_dtype is not None:
+            precision = backbone_autocast(resolve_autocast_dtype(autocast_dtype, pixel_values.device) or torch.float32)
         was_training = self.training
         self.eval()
         try:
-            code = self.compute_code(pixel_values)
-            if flip_tta:
-                code = (code + self.compute_code(pixel_values.flip(-1)).flip(-1)) / 2
+            with precision:
+                code = self.compute_code(pixel_values)
+                if flip_tta:
+                    code = (code + self.compute_code(pixel_values.flip(-1)).flip(-1)) / 2
             size = tuple(output_size) if output_size is not None else tuple(pixel_values.shape[-2:])
             code = F.interpolate(code, size=size, mode="bilinear", align_corners=False)
             cluster_log_probs, linear_log_probs = self.probe_log_probs(code)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .backbones import backbone_autocast, resolve_autocast_dtype
 from .hub.cards import CONFUSION_FIGURE
 from .inference import _jsonable, evaluate_segmenter, summarize
 
@@ -269,9 +270,11 @@ def predict_examples(
     flip_tta: bool = True,
     batch_size: int = 8,
     device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = "auto",
 ) -> ExampleSet:
     """The model's cluster predictions of a few images, made exactly as `evaluate_segmenter` makes them (same
-    processing, ``model.predict`` with ``flip_tta``, no CRF, at the label's size).
+    processing, ``model.predict`` with ``flip_tta``, the backbone under the same autocast ``dtype``, no CRF, at the
+    label's size).
 
     Args:
         indices: which images of ``dataset`` (default: ``num_examples`` spread evenly over it, first and last
@@ -295,12 +298,14 @@ def predict_examples(
         return examples
     items = ProcessedSegmentationDataset(dataset.select(indices), image_processor, num_classes, with_labels=True)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    autocast_dtype = resolve_autocast_dtype(dtype, device)
     for start in range(0, len(items), batch_size):
         batch = collate_segmentation_batch([items[i] for i in range(start, min(start + batch_size, len(items)))])
         labels = batch["labels"]
-        prediction = model.predict(
-            batch["pixel_values"].to(device), output_size=tuple(labels.shape[-2:]), flip_tta=flip_tta, crf=False
-        )
+        with backbone_autocast(autocast_dtype or torch.float32):
+            prediction = model.predict(
+                batch["pixel_values"].to(device), output_size=tuple(labels.shape[-2:]), flip_tta=flip_tta, crf=False
+            )
         clusters = prediction.cluster_log_probs.argmax(1).cpu().numpy()
         for pixels, label, cluster_map in zip(batch["pixel_values"], labels.numpy(), clusters):
             examples.images.append(_unnormalize(pixels, image_processor))
@@ -327,6 +332,7 @@ def evaluate_for_report(
     num_examples: int = 4,
     num_workers: int = 0,
     device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = "auto",
     progress: bool = False,
 ) -> ModelReport:
     """Evaluate a model for a comparison report: `evaluate_segmenter` with the given protocol (the same numbers as
@@ -355,6 +361,7 @@ def evaluate_for_report(
         max_images=max_images,
         num_workers=num_workers,
         device=device,
+        dtype=dtype,
         progress=progress,
     )
     num_images = len(dataset) if max_images is None else min(max_images, len(dataset))
@@ -366,6 +373,8 @@ def evaluate_for_report(
         num_examples=min(num_examples, num_images),
         flip_tta=flip_tta,
         batch_size=batch_size,
+        device=device,
+        dtype=dtype,
     )
     description = describe_model(model, model_path, summary)
     if name is None:

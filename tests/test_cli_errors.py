@@ -209,7 +209,9 @@ def test_debug_shows_the_traceback(model_dir, scenes):
 
 def test_eval_results_record_what_was_evaluated(model_dir, scenes, capsys, tmp_path):
     out_dir = tmp_path / "eval"
-    code, out, _ = _evaluate(capsys, model_dir, scenes, "--max-images", "4", "--output-dir", str(out_dir))
+    code, out, _ = _evaluate(
+        capsys, model_dir, scenes, "--max-images", "4", "--output-dir", str(out_dir), "--device", "cpu"
+    )
     assert code == 0
     line = json.loads(out.strip().splitlines()[-1])
     assert line["num_images"] == 4
@@ -224,6 +226,8 @@ def test_eval_results_record_what_was_evaluated(model_dir, scenes, capsys, tmp_p
         "num_classes": 3,
         "protocol": {"resolution": 32, "crop": "center", "flip_tta": True, "crf": False, "matching": "hungarian"},
         "processes": 1,
+        # --dtype auto on the CPU: the backbone runs in float32
+        "inference": {"device": "cpu", "dtype": "float32"},
     }
     assert {"cluster", "linear"} <= set(record) and 0.0 <= record["cluster"]["mean_iou"] <= 1.0
 
@@ -254,7 +258,7 @@ def test_console_reports_one_line_and_exit_status_2(model_dir, scenes):
 def test_two_processes_score_like_one(model_dir, scenes, tmp_path, capsys):
     single = tmp_path / "single"
     assert main(["evaluate", str(model_dir), "--dataset", str(scenes), "--quiet", "--batch-size", "1",
-                 "--output-dir", str(single)]) == 0  # fmt: skip
+                 "--device", "cpu", "--output-dir", str(single)]) == 0  # fmt: skip
     capsys.readouterr()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
