@@ -231,3 +231,64 @@ def test_nearest_neighbors_errors():
         nearest_neighbors(descriptors, k=2)
     with pytest.raises(TypeError, match=r"torch.Tensor"):
         nearest_neighbors(np.zeros((3, 2)), k=1)
+
+
+@pytest.mark.parametrize("matmul_dtype", ["bfloat16", "float16", torch.bfloat16])
+def test_half_precision_matmul_rescored_in_float32_matches_brute_force(matmul_dtype):
+    rng = np.random.default_rng(4)
+    descriptors = rng.normal(size=(150, 16)).astype(np.float32)
+    expected = _reference_neighbors(descriptors.astype(np.float64), 9)
+    for chunk_size in (7, None):
+        result = nearest_neighbors(
+            torch.from_numpy(descriptors), k=9, chunk_size=chunk_size, matmul_dtype=matmul_dtype
+        )
+        np.testing.assert_array_equal(result.numpy(), expected)
+    # exact ties (one-hot directions are exact in half precision): the same deterministic order
+    ties = np.eye(4)[rng.integers(0, 4, size=50)] * rng.uniform(0.5, 2.0, size=(50, 1))
+    result = nearest_neighbors(torch.from_numpy(ties).float(), k=6, chunk_size=5, matmul_dtype=matmul_dtype)
+    np.testing.assert_array_equal(result.numpy(), _reference_neighbors(ties, 6))
+
+
+def test_automatic_chunk_size_gives_the_same_table():
+    descriptors = torch.from_numpy(np.random.default_rng(5).normal(size=(300, 8)))
+    assert torch.equal(nearest_neighbors(descriptors, k=5), nearest_neighbors(descriptors, k=5, chunk_size=13))
+
+
+def test_faiss_backend_matches_brute_force():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(6)
+    descriptors = rng.normal(size=(120, 16)).astype(np.float32)
+    result = nearest_neighbors(torch.from_numpy(descriptors), k=9, backend="faiss", chunk_size=50)
+    np.testing.assert_array_equal(result.numpy(), _reference_neighbors(descriptors.astype(np.float64), 9))
+    ties = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 1.0]])
+    assert nearest_neighbors(ties, k=2, backend="faiss").tolist() == [[0, 1], [1, 0], [2, 4], [3, 0], [4, 2]]
+
+
+def test_faiss_backend_without_faiss_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    with pytest.raises(ImportError, match=r"backend='faiss'\) needs the faiss package \(pip install faiss-cpu"):
+        nearest_neighbors(torch.randn(5, 3), k=2, backend="faiss")
+
+
+def test_nearest_neighbors_option_errors():
+    descriptors = torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"backend must be one of \('torch', 'faiss'\), got 'annoy'"):
+        nearest_neighbors(descriptors, k=2, backend="annoy")
+    with pytest.raises(ValueError, match=r"matmul_dtype must be None, 'float16' or 'bfloat16', got 'int8'"):
+        nearest_neighbors(descriptors, k=2, matmul_dtype="int8")
+    with pytest.raises(ValueError, match=r"matmul_dtype must be None"):
+        nearest_neighbors(descriptors, k=2, matmul_dtype=torch.float64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nearest_neighbors_on_cuda_returns_the_cpu_table():
+    rng = np.random.default_rng(7)
+    descriptors = torch.from_numpy(rng.normal(size=(500, 32)).astype(np.float32))
+    expected = nearest_neighbors(descriptors, k=7)
+    for kwargs in ({}, {"matmul_dtype": "float16"}, {"matmul_dtype": "bfloat16"}):
+        result = nearest_neighbors(descriptors.cuda(), k=7, chunk_size=64, **kwargs)
+        assert result.device.type == "cpu"
+        np.testing.assert_array_equal(np.sort(result.numpy(), axis=1), np.sort(expected.numpy(), axis=1))
+        assert nearest_neighbors(descriptors, k=7, device="cuda", **kwargs).device.type == "cpu"

@@ -2,8 +2,9 @@
 
 The global descriptor of an item is the L2-normalised spatial mean of its backbone feature map; similarity is
 the dot product of descriptors; each item keeps its top-k neighbours (rank 0 is normally the item itself).
-The similarity matrix is never built whole: rows are processed ``chunk_size`` at a time, so memory is
-``O(chunk_size * N)`` instead of ``O(N^2)``.
+The similarity matrix is never built whole: rows are processed ``chunk_size`` at a time on the descriptors'
+device, each chunk reduced to its top k at once, so memory is ``O(chunk_size * N)`` instead of ``O(N^2)``
+(optionally in half precision on CUDA, or through faiss when it is installed).
 """
 
 from __future__ import annotations
@@ -84,11 +85,44 @@ def _select_top_k(similarities: torch.Tensor, k: int, self_indices: torch.Tensor
     return indices.gather(1, order)
 
 
+def _rank_candidates(
+    values: torch.Tensor, candidates: torch.Tensor, self_indices: torch.Tensor, k: int
+) -> torch.Tensor:
+    """The first ``k`` of each row's ``candidates`` (distinct item indices, with their similarities ``values``) in
+    the order of `_select_top_k`: similarity descending, then the row's own item, then the lower index."""
+    priority = torch.where(candidates == self_indices[:, None], -1, candidates)
+    order = priority.argsort(dim=1)
+    candidates, values = candidates.gather(1, order), values.gather(1, order)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+    return candidates.gather(1, order)
+
+
+def _rescored_top_k(
+    queries: torch.Tensor, normalised: torch.Tensor, candidates: torch.Tensor, self_indices: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Re-score each query's candidate items in the descriptors' own precision and keep the best ``k``."""
+    values = torch.bmm(normalised[candidates], queries[:, :, None])[:, :, 0]
+    return _rank_candidates(values, candidates, self_indices, k)
+
+
+def _auto_chunk_size(count: int, device: torch.device) -> int:
+    # rows whose float32 similarity block takes about 256 MiB (CPU) or 1 GiB (CUDA)
+    budget = 2**30 if device.type == "cuda" else 2**28
+    return max(16, min(count, 8192, budget // (4 * count)))
+
+
+_MATMUL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+_BACKENDS = ("torch", "faiss")
+
+
 def nearest_neighbors(
     descriptors: torch.Tensor,
     k: int,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     device: str | torch.device | None = None,
+    *,
+    matmul_dtype: str | torch.dtype | None = None,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Top-`k` cosine nearest neighbours of each descriptor among all: ``[N, C] -> LongTensor [N, k]``.
 
@@ -97,11 +131,27 @@ def nearest_neighbors(
     item is strictly more similar (only possible through rounding). Equal similarities are ordered with the
     item itself first, then by increasing index, so the result is deterministic.
 
+    The ``N x N`` similarity matrix is never built: ``chunk_size`` rows of it at a time (``chunk_size x N``
+    values), each reduced to its top ``k`` on ``device`` before the next, so memory is ``O(chunk_size * N)`` plus
+    the ``[N, k]`` result. At COCO-Stuff's ~250k five-crop items, a CUDA device takes seconds
+    (``benchmarks/bench_knn.py``).
+
     Args:
         descriptors: ``[N, C]`` float tensor.
         k: neighbours per item, ``1 <= k <= N`` (STEGO keeps 30).
-        chunk_size: rows of the similarity matrix computed at a time (memory ``O(chunk_size * N)``).
+        chunk_size: rows of the similarity matrix computed at a time; None picks the rows whose float32 block
+            takes about 256 MiB (CPU) or 1 GiB (CUDA). The result does not depend on it.
         device: where to compute (default: the descriptors' device); the result is on the CPU.
+        matmul_dtype: ``"float16"`` or ``"bfloat16"`` (meant for CUDA's tensor cores): the chunk similarities
+            are computed in that precision, the top ``k + max(k, 32)`` of each row are re-scored in the
+            descriptors' precision (float32) and ranked with the tie rule above. Equal to the float32 result
+            unless an item ranked in the float32 top ``k`` falls outside those candidates, which needs more than
+            ``max(k, 32)`` items within half precision's rounding (about 1e-3 for float16, 8e-3 for bfloat16)
+            of the ``k``-th similarity. None (default): float32 (float64 descriptors stay float64), exact.
+        backend: ``"torch"`` (default) or ``"faiss"``: an exact inner-product index (``faiss.IndexFlatIP``, on
+            the GPU when ``device`` is CUDA and faiss was built with GPU support) finds the top
+            ``k + max(k, 32)`` candidates, re-scored and ranked as with ``matmul_dtype``. Needs the ``faiss``
+            package (``pip install faiss-cpu``).
 
     Example:
 
@@ -121,20 +171,66 @@ def nearest_neighbors(
     count = descriptors.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= count:
         raise ValueError(f"k must be an int in [1, N={count}], got {k!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if isinstance(matmul_dtype, str):
+        if matmul_dtype not in _MATMUL_DTYPES:
+            raise ValueError(f"matmul_dtype must be None, 'float16' or 'bfloat16', got {matmul_dtype!r}")
+        matmul_dtype = _MATMUL_DTYPES[matmul_dtype]
+    elif matmul_dtype is not None and matmul_dtype not in _MATMUL_DTYPES.values():
+        raise ValueError(f"matmul_dtype must be None, 'float16' or 'bfloat16', got {matmul_dtype!r}")
     device = torch.device(device) if device is not None else descriptors.device
     dtype = descriptors.dtype if descriptors.dtype in (torch.float32, torch.float64) else torch.float32
     normalised = F.normalize(descriptors.detach().to(device=device, dtype=dtype), dim=1)
     if not torch.isfinite(normalised).all():
         raise ValueError("descriptors contain NaN or infinite values")
+    if chunk_size is None:
+        chunk_size = _auto_chunk_size(count, device)
+    candidates = min(count, k + max(k, 32))
+    if backend == "faiss":
+        return _faiss_neighbors(normalised, k, candidates, chunk_size, device)
 
-    result = torch.empty(count, k, dtype=torch.long)
+    low = None if matmul_dtype is None else normalised.to(matmul_dtype)
+    result = torch.empty(count, k, dtype=torch.long, device=device)
     for start in range(0, count, chunk_size):
         chunk = normalised[start : start + chunk_size]
-        similarities = chunk @ normalised.T
         self_indices = torch.arange(start, start + chunk.shape[0], device=device)
-        result[start : start + chunk.shape[0]] = _select_top_k(similarities, k, self_indices).cpu()
+        if low is None:
+            selected = _select_top_k(chunk @ normalised.T, k, self_indices)
+        else:
+            nominees = (low[start : start + chunk_size] @ low.T).topk(candidates, dim=1).indices
+            selected = _rescored_top_k(chunk, normalised, nominees, self_indices, k)
+        result[start : start + chunk.shape[0]] = selected
+    return result.cpu()
+
+
+def _faiss_neighbors(
+    normalised: torch.Tensor, k: int, candidates: int, chunk_size: int, device: torch.device
+) -> torch.Tensor:
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError(
+            "nearest_neighbors(backend='faiss') needs the faiss package (pip install faiss-cpu, or a faiss GPU "
+            "build for CUDA); backend='torch' (the default) needs nothing more"
+        ) from error
+    import numpy as np
+
+    data = np.ascontiguousarray(normalised.float().cpu().numpy())
+    index = faiss.IndexFlatIP(data.shape[1])
+    if device.type == "cuda" and hasattr(faiss, "StandardGpuResources"):
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, device.index or 0, index)
+    index.add(data)
+    result = torch.empty(data.shape[0], k, dtype=torch.long)
+    for start in range(0, data.shape[0], chunk_size):
+        _, found = index.search(data[start : start + chunk_size], candidates)
+        nominees = torch.from_numpy(found).to(device=device, dtype=torch.long)
+        chunk = normalised[start : start + chunk_size]
+        self_indices = torch.arange(start, start + chunk.shape[0], device=device)
+        result[start : start + chunk.shape[0]] = _rescored_top_k(chunk, normalised, nominees, self_indices, k).cpu()
     return result
 
 
