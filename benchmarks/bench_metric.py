@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -185,8 +186,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="device of the torch accumulator")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (numpy is single-threaded)")
     parser.add_argument("--skip", nargs="*", default=[], choices=list(METHODS), help="methods to leave out")
+    parser.add_argument("--small", action="store_true", help="CI size: 20 maps of 64x64")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.small:
+        args.maps, args.size = min(args.maps, 20), min(args.size, 64)
     if args.clusters is None or args.clusters == "None":
         args.clusters = args.classes
     args.clusters = int(args.clusters)
@@ -224,6 +229,24 @@ def main() -> None:
         if ours["gpu_peak_mib"] is not None:
             print(f"torch GPU peak allocated during the updates: {ours['gpu_peak_mib']:.1f} MiB")
     print("confusion matrices identical across methods: yes")
+    if args.json:
+        rows = [
+            {
+                "method": METHODS[method],
+                "seconds": result["seconds"],
+                "ms_per_map": 1e3 * result["seconds"] / args.maps,
+                "peak_extra_ram_mib": result["peak_mib"],
+                "time_vs_ours": result["seconds"] / ours["seconds"] if ours else None,
+            }
+            for method, result in results.items()
+        ]
+        if ours:
+            rows.append({"method": "compute() (Hungarian + scores)", "seconds": ours["compute_seconds"]})
+            if ours["gpu_peak_mib"] is not None:
+                rows[0]["gpu_peak_mib"] = ours["gpu_peak_mib"]
+        config = {key: getattr(args, key) for key in ("maps", "size", "classes", "clusters", "seed", "threads")}
+        record = {"benchmark": "metric", "device": args.device, "config": config, "rows": rows}
+        args.json.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,19 @@ __all__ = [
 ]
 
 
+def backbone_precision(
+    autocast_dtype: str | torch.dtype | None, device: torch.device
+) -> contextlib.AbstractContextManager:
+    """The context `predict` runs its backbone passes in: nothing for `None` (an enclosing
+    `hf_useg.backbones.backbone_autocast` block, if any, applies), else that block with ``autocast_dtype`` resolved
+    for ``device`` (``"float32"`` / `torch.float32`: full precision, overriding an enclosing block)."""
+    if autocast_dtype is None:
+        return contextlib.nullcontext()
+    from .backbones import backbone_autocast, resolve_autocast_dtype
+
+    return backbone_autocast(resolve_autocast_dtype(autocast_dtype, device) or torch.float32)
+
+
 @dataclass
 class UnsupervisedSegmenterOutput(ModelOutput):
     """Output of every `*ForUnsupervisedSegmentation.forward`.
@@ -287,11 +300,7 @@ class UnsupervisedSegmentationPreTrainedModel(CheckedLoadingMixin, PreTrainedMod
                 `None` (default) follows an enclosing `hf_useg.backbones.backbone_autocast` block, if any;
                 ``"float32"`` / `torch.float32` runs the backbone at full precision.
         """
-        from .backbones import backbone_autocast, resolve_autocast_dtype
-
-        precision = contextlib.nullcontext()
-        if autocast_dtype is not None:
-            precision = backbone_autocast(resolve_autocast_dtype(autocast_dtype, pixel_values.device) or torch.float32)
+        precision = backbone_precision(autocast_dtype, pixel_values.device)
         was_training = self.training
         self.eval()
         try:

@@ -17,6 +17,8 @@ from tiny_configs import tiny_dinov2_config, tiny_vit_config
 from hf_useg import (
     DinoForUnsupervisedSegmentation,
     DinoSegmentationConfig,
+    IicConfig,
+    IicForUnsupervisedSegmentation,
     StegoConfig,
     StegoForUnsupervisedSegmentation,
 )
@@ -26,6 +28,7 @@ from hf_useg.image_processing import protocol_image_processor, whole_image_proce
 from hf_useg.inference import evaluate_segmenter
 
 NUM_CLASSES = 3
+TINY_IIC = dict(vgg_channels=[8, 8, 16, 16, 16, 16], num_classes=3, num_overclusters=7)
 
 
 def _stego(layers: int = 2, seed: int = 0) -> StegoForUnsupervisedSegmentation:
@@ -100,6 +103,29 @@ def test_resolve_autocast_dtype():
         resolve_autocast_dtype(torch.int8, "cpu")
     with pytest.raises(TypeError, match="a name"):
         resolve_autocast_dtype(16, "cpu")
+
+
+def test_every_predict_takes_the_autocast_dtype():
+    """The methods that override `predict` (DINO k-means and attention modes, IIC) pass ``autocast_dtype`` on: the
+    DINO backbone runs in bfloat16 (other values, argmax mostly the same), IIC's own trunk is no FeatureBackbone
+    (identical values)."""
+    torch.manual_seed(0)
+    config = DinoSegmentationConfig(backbone_config=tiny_vit_config(), num_clusters=NUM_CLASSES)
+    kmeans = DinoForUnsupervisedSegmentation(config).eval()
+    kmeans.fit([torch.randn(4, 3, 32, 32)], progress=False)
+    pixels = torch.randn(2, 3, 32, 32)
+    full, half = kmeans.predict(pixels), kmeans.predict(pixels, autocast_dtype="bfloat16")
+    assert not torch.equal(full.cluster_log_probs, half.cluster_log_probs)
+    assert (full.cluster_log_probs.argmax(1) == half.cluster_log_probs.argmax(1)).float().mean() > 0.9
+    attention = DinoForUnsupervisedSegmentation(
+        DinoSegmentationConfig(backbone_config=tiny_vit_config(), num_clusters=NUM_CLASSES, mode="attention")
+    )
+    masks = attention.eval().predict(pixels, autocast_dtype=torch.bfloat16)
+    assert type(masks) is type(attention.predict(pixels))
+    iic = IicForUnsupervisedSegmentation(IicConfig(**TINY_IIC)).eval()
+    torch.testing.assert_close(
+        iic.predict(pixels, autocast_dtype="bfloat16").cluster_log_probs, iic.predict(pixels).cluster_log_probs
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

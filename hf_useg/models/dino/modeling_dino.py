@@ -17,6 +17,7 @@ from ...modeling_utils import (
     UnsupervisedSegmentationPrediction,
     UnsupervisedSegmentationPreTrainedModel,
     UnsupervisedSegmenterOutput,
+    backbone_precision,
     check_pixel_values,
 )
 from .configuration_dino import DinoSegmentationConfig
@@ -294,13 +295,15 @@ class DinoForUnsupervisedSegmentation(DinoPreTrainedModel):
         crf: bool = False,
         images: np.ndarray | Sequence[np.ndarray] | None = None,
         crf_workers: int = 0,
+        autocast_dtype: str | torch.dtype | None = None,
     ) -> UnsupervisedSegmentationPrediction:
         """``mode="kmeans"``: the shared `predict` (cluster log-probabilities of the fitted centroids).
         ``mode="attention"``: a [`DinoAttentionPrediction`] from [`attention_masks`] with
         ``config.attention_threshold`` (``flip_tta`` averages the maps of the image and its mirror; ``crf`` is not
         available)."""
         if self.config.mode == "kmeans":
-            return super().predict(pixel_values, output_size, flip_tta, crf, images, crf_workers)
+            return super().predict(pixel_values, output_size, flip_tta, crf, images, crf_workers, autocast_dtype)
         if crf:
             raise ValueError("crf=True refines cluster predictions; mode='attention' returns per-head attention masks")
-        return self.attention_masks(pixel_values, output_size=output_size, flip_tta=flip_tta)
+        with backbone_precision(autocast_dtype, pixel_values.device):
+            return self.attention_masks(pixel_values, output_size=output_size, flip_tta=flip_tta)

@@ -287,6 +287,7 @@ class IicForUnsupervisedSegmentation(IicPreTrainedModel):
         crf: bool = False,
         images: np.ndarray | Sequence[np.ndarray] | None = None,
         crf_workers: int = 0,
+        autocast_dtype: str | torch.dtype | None = None,
         head: str = "B",
     ) -> UnsupervisedSegmentationPrediction:
         """`UnsupervisedSegmentationPreTrainedModel.predict` for head B (default) or head A (`head="A"`):
@@ -300,6 +301,7 @@ class IicForUnsupervisedSegmentation(IicPreTrainedModel):
                 crf=crf,
                 images=images,
                 crf_workers=crf_workers,
+                autocast_dtype=autocast_dtype,
             )
 
     @torch.no_grad()
