@@ -40,9 +40,14 @@ Writes into ``--output-dir``:
 
 Finished runs and evaluations in ``--output-dir`` are reused, unfinished ones resumed from their last checkpoint,
 so an interrupted table continues where it stopped; a run made by another command is an error (choose another
-``--output-dir``). Independent runs go ``--jobs`` at a time (default 2, one torch thread each): on a 2-core CPU
-two single-threaded processes are much faster than one with two threads. Measured on 2 shared CPU cores: see the
-README's "CamVid table" paragraph.
+``--output-dir``; a recipe file edited since a run was made is one too). Independent runs go ``--jobs`` at a time
+(default 2, with ``--threads`` = CPUs / jobs torch threads each: one per run on 2 cores, which avoids the
+oversubscription `detreg_raccoon_experiment.py` saw with two threads per process on a shared machine).
+
+Run time (2 seeds: 16 runs and 14 evaluations): about 45 min on 2 otherwise idle CPU cores, estimated from each run's
+time measured with one thread at load average 3-6 (DINO pretraining 3.5 min, k-means 1 min, STEGO 600 steps 5 min,
+PiCIE 3 epochs 8.5 min, IIC 0.5-2 min, each evaluation 0.5 min, IIC's 1.2 min); expect about 1 h on a machine
+shared with other work. ``--quick`` took 2.5 min (``--methods kmeans``) and 5.5 min (everything) at load 5-8.
 """
 
 from __future__ import annotations
@@ -436,6 +441,7 @@ class Step:
 
     name: str
     kind: str
+    config: Path
     seed: int
     method: str | None
     backbone: str | None
@@ -527,6 +533,7 @@ def _make_step(
     return Step(
         name=f"seed{seed}/{name}",
         kind="pretrain" if method is None else "train",
+        config=Path(config),
         seed=seed,
         method=method,
         backbone=backbone,
@@ -657,18 +664,25 @@ def execute_step(step: Step, env: Mapping[str, str], processes: _Processes, say)
     record: dict[str, Any] = {"name": step.name, "kind": step.kind, "seed": step.seed}
     record_file = step.run_dir / STEP_RECORD
     saved = json.loads(record_file.read_text()) if record_file.is_file() else None
+    config_sha256 = _file_sha256(step.config)
     if saved is not None and _train_finished(step):
         if _arguments(saved["command"]) != _arguments(step.train_command):
             raise TableError(
                 f"{step.run_dir} holds a run made by another command:\n  {shlex.join(saved['command'])}\nnot\n  "
                 f"{shlex.join(step.train_command)}\nchoose another --output-dir (or delete that folder)"
             )
+        if saved.get("config_sha256") != config_sha256:
+            raise TableError(
+                f"{step.run_dir} was trained with another version of {step.config} (it changed since): choose "
+                "another --output-dir (or delete that folder)"
+            )
         record["train"] = {**saved, "command_line": shlex.join(saved["command"]), "reused": True}
     else:
         say(f"start {step.name}")
         log_path = step.log_dir / f"{step.run_dir.name}.train.log"
         seconds = run_logged(step.train_command, log_path, env, processes, f"training {step.name}")
-        saved = {"command": step.train_command, "seconds": round(seconds, 1), "log": str(log_path)}
+        saved = {"command": step.train_command, "config_sha256": config_sha256}
+        saved.update(seconds=round(seconds, 1), log=str(log_path))
         record_file.write_text(json.dumps(saved, indent=2))
         record["train"] = {**saved, "command_line": shlex.join(saved["command"]), "reused": False}
         say(f"trained {step.name} in {format_seconds(seconds)}")

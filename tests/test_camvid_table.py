@@ -292,6 +292,63 @@ def test_a_failed_command_reports_its_log_tail(tmp_path):
     assert (tmp_path / "step.log").read_text().startswith("$ ")
 
 
+_FAKE_TRAIN = (
+    "import pathlib, sys; model = pathlib.Path(sys.argv[1]) / 'model'; model.mkdir(parents=True, exist_ok=True); "
+    "(model / 'training_summary.json').write_text('{}')"
+)
+_FAKE_EVALUATE = (
+    "import json, pathlib, sys; out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True); "
+    "(out / 'eval_results.json').write_text(json.dumps({'cluster': {'accuracy': 0.75, 'mean_iou': 0.5, "
+    "'per_class_iou': [0.5, None]}, 'evaluation': {'num_images': 4, 'split_size': 4}})); "
+    "(out / 'per_class_iou.csv').write_text('class_id,class_name,cluster_iou\\n0,sky,0.5\\n1,road,\\n')"
+)
+
+
+def _fake_step(tmp_path, extra=()):
+    run_dir = tmp_path / "seed0" / "kmeans-random"
+    return table.Step(
+        name="seed0/kmeans-random",
+        kind="train",
+        config=tmp_path / "recipe.yaml",
+        seed=0,
+        method="kmeans",
+        backbone="random",
+        run_dir=run_dir,
+        train_command=[sys.executable, "-c", _FAKE_TRAIN, str(run_dir), *extra],
+        eval_command=[sys.executable, "-c", _FAKE_EVALUATE, str(run_dir / "eval")],
+        eval_dir=run_dir / "eval",
+        log_dir=tmp_path / "seed0" / "logs",
+    )
+
+
+def test_execute_step_runs_then_reuses_and_refuses_a_changed_run(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("method: dino_kmeans\n")
+    said = []
+    step = _fake_step(tmp_path)
+    first = table.execute_step(step, {}, table._Processes(), said.append)
+    assert first["train"]["reused"] is False and first["eval"]["reused"] is False
+    assert first["cluster"]["accuracy"] == 0.75 and math.isnan(first["cluster"]["per_class_iou"][1])
+    assert first["class_names"] == ["sky", "road"] and first["num_images"] == 4
+    assert (tmp_path / "seed0" / "logs" / "kmeans-random.train.log").is_file()
+    assert said[0] == "start seed0/kmeans-random"
+
+    again = table.execute_step(step, {}, table._Processes(), said.append)
+    assert again["train"]["reused"] and again["eval"]["reused"]
+    assert again["train"]["seconds"] == first["train"]["seconds"]  # the time of the run that made it
+    assert again["cluster"]["accuracy"] == 0.75 and again["cluster"]["per_class_iou"][0] == 0.5
+
+    # another evaluation command (e.g. another resolution) evaluates again; another training command is refused
+    other_eval = _fake_step(tmp_path)
+    other_eval.eval_command.append("--other")
+    assert table.execute_step(other_eval, {}, table._Processes(), said.append)["eval"]["reused"] is False
+    with pytest.raises(table.TableError, match="holds a run made by another command"):
+        table.execute_step(_fake_step(tmp_path, ["--max_steps", "9"]), {}, table._Processes(), said.append)
+    # so is a recipe file that changed after the run
+    (tmp_path / "recipe.yaml").write_text("method: dino_kmeans\nkmeans_init: 5\n")
+    with pytest.raises(table.TableError, match="another version of"):
+        table.execute_step(step, {}, table._Processes(), said.append)
+
+
 @pytest.mark.slow
 def test_quick_table_end_to_end_and_resume(camvid_root, tmp_path, capsys):
     """Pretraining, k-means on both backbones and their evaluation for 2 seeds on a few real CamVid images
