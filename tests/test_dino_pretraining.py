@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from tiny_configs import tiny_vit_config
 
 from hf_useg import DinoForSelfSupervisedPretraining, DinoPretrainingConfig, StegoForUnsupervisedSegmentation
+from hf_useg.augmentation import IMAGENET_MEAN, IMAGENET_STD
 from hf_useg.augmentation import adjust_hue_pil as _adjust_hue
 from hf_useg.backbones import FeatureBackbone
 from hf_useg.models.dino import DinoHead, DinoLoss
@@ -190,6 +191,34 @@ def test_forward_updates_the_center_in_training_mode_only():
     assert out.student_output.shape == (4, 3, 16) and out.teacher_output.shape == (2, 3, 16)
     # the teacher starts as a copy of the student: its outputs are the student's on the global views
     torch.testing.assert_close(out.teacher_output, out.student_output[:2])
+
+
+def test_first_batch_center_init_centers_the_first_step():
+    """``center_init="first_batch"``: the first loss is computed with the batch's own mean as the center (which
+    removes a bias shared by the batch's outputs), then the EMA update runs from there; a center that was updated
+    is never re-initialised (a resumed run needs no flag)."""
+    teacher = torch.tensor([[[5.0, 5.1], [5.1, 5.0]]])  # [1 view, 2 images, 2 prototypes], offset 5 shared
+    student = torch.zeros(2, 2, 2)
+    biased = teacher + torch.tensor([1.0, 0.0])
+    zeros, first = DinoLoss(2, center_init="zeros"), DinoLoss(2, center_init="first_batch")
+    assert zeros(student, biased, 0.04).teacher_batch_entropy < 1e-6  # every image on prototype 0
+    out = first(student, biased, 0.04)
+    # with the batch mean [6.05, 5.05] removed: softmax([-0.05, 0.05] / 0.04) and its mirror image -> batch mean 1/2
+    torch.testing.assert_close(out.teacher_batch_entropy, torch.tensor(math.log(2)))
+    first.update_center(biased)
+    torch.testing.assert_close(first.center, torch.tensor([[6.05, 5.05]]))  # EMA of a center equal to the mean
+    first.center.copy_(torch.tensor([[1.0, 0.0]]))
+    first(student, biased, 0.04)
+    torch.testing.assert_close(first.center, torch.tensor([[1.0, 0.0]]))  # not re-initialised
+    first.eval()
+    first.center.zero_()
+    first(student, biased, 0.04)
+    assert not first.center.any()  # evaluation never sets it
+    with pytest.raises(ValueError, match="center_init"):
+        DinoLoss(2, center_init="mean")
+    with pytest.raises(ValueError, match="center_init"):
+        tiny_config(center_init="ones")
+    assert tiny_model(center_init="first_batch").dino_loss.center_init == "first_batch"
 
 
 # -- teacher ------------------------------------------------------------------------------------------------------
@@ -416,6 +445,36 @@ def test_multicrop_is_deterministic_per_seed():
         augment(np.zeros((8, 8, 3), np.uint8))
 
 
+def test_photometric_probabilities_come_from_the_options():
+    """With colour jitter, grayscale and solarisation at probability 0 and no blur on local views, a local view of
+    a flat-coloured image is that colour exactly (crops and flips of a flat image change nothing)."""
+    options = tiny_options(
+        global_crops_size=16,
+        local_crops_size=8,
+        color_jitter_probability=0.0,
+        grayscale_probability=0.0,
+        solarization_probability=0.0,
+    )
+    augment = DinoMultiCropAugmentation.from_config(tiny_config(local_crops_number=4), options)
+    assert (augment.color_jitter_probability, augment.grayscale_probability) == (0.0, 0.0)
+    views = augment(Image.new("RGB", (40, 30), (200, 40, 90)), torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    expected = (torch.tensor([200, 40, 90]).view(3, 1, 1) / 255 - mean) / std
+    torch.testing.assert_close(views["local_crops"], expected.expand(4, 3, 8, 8), atol=1e-5, rtol=0)
+    grey = DinoMultiCropAugmentation(
+        global_crops_size=8,
+        local_crops_size=8,
+        local_crops_number=8,
+        color_jitter_probability=0.0,
+        grayscale_probability=1.0,
+    )
+    local = grey(Image.new("RGB", (20, 20), (200, 40, 90)), torch.Generator().manual_seed(0))["local_crops"]
+    unnormalised = local * std + mean
+    torch.testing.assert_close(unnormalised[:, 0], unnormalised[:, 1], atol=1e-5, rtol=0)  # R == G == B
+    with pytest.raises(ValueError, match="grayscale_probability"):
+        DinoMultiCropAugmentation(grayscale_probability=1.5)
+
+
 def test_random_resized_crop_boxes_respect_scale_and_ratio():
     generator = torch.Generator().manual_seed(0)
     for _ in range(200):
@@ -603,6 +662,8 @@ def test_training_options_defaults_and_validation():
         tiny_options(momentum_teacher=1.5)
     with pytest.raises(ValueError, match="clip_grad must be >= 0"):
         tiny_options(clip_grad=-1)
+    with pytest.raises(ValueError, match="solarization_probability must be in"):
+        tiny_options(solarization_probability=-0.1)
     with pytest.raises(ValueError, match="unknown DinoPretrainingTrainingOptions option"):
         DinoPretrainingTrainingOptions.from_preset(None, resolutoin=3)
 

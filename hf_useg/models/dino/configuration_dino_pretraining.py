@@ -31,6 +31,9 @@ LEGACY_TRAINING_FIELDS = (
 )
 
 
+CENTER_INITS = ("zeros", "first_batch")
+
+
 @strict
 class DinoPretrainingConfig(PreTrainedConfig):
     r"""
@@ -70,6 +73,10 @@ class DinoPretrainingConfig(PreTrainedConfig):
             teacher-temperature warm-up ends at.
         center_momentum (`float`, *optional*, defaults to 0.9):
             ``c <- m c + (1 - m) mean(teacher outputs)``.
+        center_init (`str`, *optional*, defaults to `"zeros"`):
+            The center before the first update: ``"zeros"`` (DINO) or ``"first_batch"`` (the first batch's mean
+            teacher output, so that centering works from the first step; for short runs, where the ~10 steps the
+            center takes to catch up from zero are enough for the student to collapse onto one prototype).
         collapse_warning_margin (`float`, *optional*, defaults to 0.02):
             A warning is logged when the teacher's mean entropy is above ``(1 - margin) * log(out_dim)`` (uniform
             collapse) or the entropy of its batch-averaged distribution below ``margin * log(out_dim)`` (one-hot
@@ -105,6 +112,7 @@ class DinoPretrainingConfig(PreTrainedConfig):
     student_temp: float | int = 0.1
     teacher_temp: float | int = 0.04
     center_momentum: float | int = 0.9
+    center_init: str = "zeros"
     collapse_warning_margin: float | int = 0.02
 
     def __post_init__(self, **kwargs):
@@ -135,6 +143,8 @@ class DinoPretrainingConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.center_momentum <= 1.0:
             raise ValueError(f"center_momentum must be in [0, 1], got {self.center_momentum}")
+        if self.center_init not in CENTER_INITS:
+            raise ValueError(f"center_init must be one of {CENTER_INITS}, got {self.center_init!r}")
         if not 0.0 < self.collapse_warning_margin < 0.5:
             raise ValueError(f"collapse_warning_margin must be in (0, 0.5), got {self.collapse_warning_margin}")
 

@@ -260,7 +260,9 @@ class DinoLoss(nn.Module):
     ``H(g, v) = mean_b sum_k -softmax((t_g - c) / tau_t)_k * log_softmax(s_v / tau_s)_k``; the loss is the mean
     of ``H`` over all those pairs. The center ``c`` (buffer ``center`` ``[1, out_dim]``) moves with
     [`update_center`]: ``c <- m c + (1 - m) mean(teacher outputs)``, the mean taken over every process when
-    ``torch.distributed`` is initialised.
+    ``torch.distributed`` is initialised. With ``center_init="first_batch"`` a center that was never updated (all
+    zeros, which a center that has been updated practically never is, so resumed runs need no extra state) is set to
+    the batch's mean teacher output before the loss is computed.
 
     Example:
 
@@ -272,10 +274,15 @@ class DinoLoss(nn.Module):
     ```
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+    def __init__(
+        self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9, center_init: str = "zeros"
+    ):
         super().__init__()
+        if center_init not in ("zeros", "first_batch"):
+            raise ValueError(f"center_init must be 'zeros' or 'first_batch', got {center_init!r}")
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.center_init = center_init
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(
@@ -297,6 +304,8 @@ class DinoLoss(nn.Module):
             )
         if num_views < 2:
             raise ValueError("the loss needs at least two views (it never compares a view with itself)")
+        if self.center_init == "first_batch" and self.training and not self.center.any():
+            self.center.copy_(self._mean_over_processes(teacher_output))
         student_log_probs = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
         teacher_logits = (teacher_output.float() - self.center) / teacher_temp
         teacher_probs = F.softmax(teacher_logits, dim=-1)
@@ -316,16 +325,22 @@ class DinoLoss(nn.Module):
             kl_divergence=(loss - entropy).detach(),
         )
 
+    @staticmethod
     @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        """``c <- m c + (1 - m) * mean of the teacher outputs`` over views, batch and processes."""
+    def _mean_over_processes(teacher_output: torch.Tensor) -> torch.Tensor:
         flat = teacher_output.detach().float().reshape(-1, teacher_output.shape[-1])
         total = flat.sum(dim=0, keepdim=True)
         count = flat.shape[0]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)
             count *= torch.distributed.get_world_size()
-        self.center.mul_(self.center_momentum).add_(total / count, alpha=1.0 - self.center_momentum)
+        return total / count
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        """``c <- m c + (1 - m) * mean of the teacher outputs`` over views, batch and processes."""
+        mean = self._mean_over_processes(teacher_output)
+        self.center.mul_(self.center_momentum).add_(mean, alpha=1.0 - self.center_momentum)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -428,7 +443,7 @@ class DinoForSelfSupervisedPretraining(DinoPretrainingPreTrainedModel):
             copy.deepcopy(config.backbone_config), pos_embed_interpolation="dino", frozen=True
         )
         self.teacher_head = DinoHead(hidden, config.out_dim, **head_kwargs).requires_grad_(False)
-        self.dino_loss = DinoLoss(config.out_dim, config.student_temp, config.center_momentum)
+        self.dino_loss = DinoLoss(config.out_dim, config.student_temp, config.center_momentum, config.center_init)
         self.post_init()
         self.sync_teacher()
 

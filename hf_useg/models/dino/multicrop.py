@@ -67,6 +67,8 @@ class DinoMultiCropAugmentation:
         global_crops_size: side of the global views in pixels (DINO: 224).
         local_crops_size: side of the local views in pixels (DINO: 96).
         global_crops_number: global views per image (DINO: 2).
+        color_jitter_probability, grayscale_probability: of every view (DINO: 0.8, 0.2).
+        solarization_probability: of the second global view (DINO: 0.2).
         mean, std: normalisation (ImageNet's).
 
     Calling it with a PIL image (any mode; converted to RGB) and a generator returns
@@ -81,6 +83,9 @@ class DinoMultiCropAugmentation:
         global_crops_size: int = 224,
         local_crops_size: int = 96,
         global_crops_number: int = 2,
+        color_jitter_probability: float = 0.8,
+        grayscale_probability: float = 0.2,
+        solarization_probability: float = 0.2,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ):
@@ -99,6 +104,16 @@ class DinoMultiCropAugmentation:
         self.global_crops_number = int(global_crops_number)
         self.global_crops_size = int(global_crops_size)
         self.local_crops_size = int(local_crops_size)
+        for name, value in (
+            ("color_jitter_probability", color_jitter_probability),
+            ("grayscale_probability", grayscale_probability),
+            ("solarization_probability", solarization_probability),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        self.color_jitter_probability = float(color_jitter_probability)
+        self.grayscale_probability = float(grayscale_probability)
+        self.solarization_probability = float(solarization_probability)
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
 
@@ -113,6 +128,9 @@ class DinoMultiCropAugmentation:
             global_crops_size=options.global_crops_size,
             local_crops_size=options.local_crops_size,
             global_crops_number=config.global_crops_number,
+            color_jitter_probability=options.color_jitter_probability,
+            grayscale_probability=options.grayscale_probability,
+            solarization_probability=options.solarization_probability,
         )
 
     def _view(
@@ -128,9 +146,9 @@ class DinoMultiCropAugmentation:
         view = image.resize((size, size), Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
         if chance(0.5, generator):
             view = view.transpose(Image.FLIP_LEFT_RIGHT)
-        if chance(0.8, generator):
+        if chance(self.color_jitter_probability, generator):
             view = color_jitter(view, 0.4, 0.4, 0.2, 0.1, generator=generator)
-        if chance(0.2, generator):
+        if chance(self.grayscale_probability, generator):
             view = view.convert("L").convert("RGB")
         if chance(blur_probability, generator):
             view = view.filter(ImageFilter.GaussianBlur(radius=uniform(0.1, 2.0, generator)))
@@ -148,7 +166,7 @@ class DinoMultiCropAugmentation:
                 self.global_crops_size,
                 self.global_crops_scale,
                 blur_probability=1.0 if index % 2 == 0 else 0.1,
-                solarize_probability=0.0 if index % 2 == 0 else 0.2,
+                solarize_probability=0.0 if index % 2 == 0 else self.solarization_probability,
                 generator=generator,
             )
             for index in range(self.global_crops_number)

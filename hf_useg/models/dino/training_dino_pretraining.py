@@ -78,6 +78,8 @@ class DinoPretrainingTrainingOptions(RecipeOptions):
         momentum_teacher: EMA momentum at step 0 (cosine to 1 at the last step).
         warmup_teacher_temp, warmup_teacher_temp_epochs: teacher temperature at step 0 and the length of its
             linear warm-up (DINO's ViT-S/16 run: 30 epochs).
+        color_jitter_probability, grayscale_probability, solarization_probability: of DINO's photometric
+            augmentation (0.8, 0.2, 0.2; see `DinoMultiCropAugmentation`).
 
     Example:
 
@@ -107,6 +109,9 @@ class DinoPretrainingTrainingOptions(RecipeOptions):
     momentum_teacher: float = 0.996
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 0.0
+    color_jitter_probability: float = 0.8
+    grayscale_probability: float = 0.2
+    solarization_probability: float = 0.2
 
     # the cosine schedules span the whole run: another max_steps is another run, not a resumed one
     fixed_on_resume: ClassVar[tuple[str, ...]] = ("max_steps",)
@@ -140,6 +145,9 @@ class DinoPretrainingTrainingOptions(RecipeOptions):
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("color_jitter_probability", "grayscale_probability", "solarization_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 class _MultiCropSteps(torch.utils.data.Dataset):
