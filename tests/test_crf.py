@@ -233,9 +233,10 @@ def test_torch_backend_matches_the_reference():
     # the separable Gaussian is the one approximation (measured here: 99.5% agreement, mean |dQ| 3e-4)
     argmax, mean_dq = agreement(q, reference)
     assert argmax > 0.98 and mean_dq < 2e-3
-    # every kernel on the lattice: pydensecrf's filtering reproduced to float rounding
+    # every kernel on the lattice, in float32: pydensecrf's filtering reproduced to float rounding
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(crf_module, "_MAX_CONVOLUTION_SXY", 0.0)
+        patch.setattr(crf_module, "_message_dtype", lambda device_type: torch.float32)
         exact = dense_crf_batch(images, logits, backend="torch")
     torch.testing.assert_close(exact, reference, atol=1e-4, rtol=0)
     # other parameters (a wider Gaussian on the convolution path, a wider one on a lattice, other colour widths)
