@@ -75,16 +75,24 @@ CONFIGS = ROOT / "training" / "configs"
 DEFAULT_DATASET = ROOT.parent / "shared" / "data" / "camvid11"
 DEFAULT_PRETRAIN_CONFIG = CONFIGS / "dino_pretrain_camvid.yaml"
 
-METHODS = ("kmeans", "stego", "picie", "iic")
-BACKBONE_METHODS = ("kmeans", "stego", "picie")  # the methods that take a backbone (IIC trains its own trunk)
+METHODS = ("kmeans", "stego", "stego-kmeans-start", "picie", "iic")
+# the methods that take a backbone (IIC trains its own trunk)
+BACKBONE_METHODS = ("kmeans", "stego", "stego-kmeans-start", "picie")
 BACKBONES = ("random", "self-trained")
 METHOD_CONFIGS = {
     "kmeans": CONFIGS / "dino_kmeans_camvid.yaml",
     "stego": CONFIGS / "stego_camvid.yaml",
+    "stego-kmeans-start": CONFIGS / "stego_camvid.yaml",
     "picie": CONFIGS / "picie_camvid.yaml",
     "iic": CONFIGS / "iic_camvid.yaml",
 }
-METHOD_NAMES = {"kmeans": "DINO-feature k-means", "stego": "STEGO", "picie": "PiCIE", "iic": "IIC"}
+METHOD_NAMES = {
+    "kmeans": "DINO-feature k-means",
+    "stego": "STEGO",
+    "stego-kmeans-start": "STEGO, cluster probe started by k-means",
+    "picie": "PiCIE",
+    "iic": "IIC",
+}
 BACKBONE_NAMES = {"random": "random init", "self-trained": "self-trained (DINO)", "none": "none (from scratch)"}
 DASH = "—"
 
@@ -96,6 +104,10 @@ FULL_OVERRIDES: dict[str, list[str]] = {
     "pretrain": [],
     "kmeans": [],
     "stego": "--max_steps 600 --cache_backbone_features true --calibrate_shifts true".split(),
+    # STEGO's cluster probe started from k-means of the first batch's code instead of N(0, 1) (issue 14, item 4)
+    "stego-kmeans-start": (
+        "--max_steps 600 --cache_backbone_features true --calibrate_shifts true --cluster_probe_init kmeans"
+    ).split(),
     "picie": "--num_epochs 3 --resolution 224".split(),
     "iic": [],
 }
@@ -107,6 +119,10 @@ QUICK_OVERRIDES: dict[str, list[str]] = {
     "stego": (
         "--max_steps 3 --batch_size 4 --resolution 64 --eval_resolution 64 --cache_backbone_features true "
         "--calibrate_shifts true --knn_k 8 --num_neighbors 3"
+    ).split(),
+    "stego-kmeans-start": (
+        "--max_steps 3 --batch_size 4 --resolution 64 --eval_resolution 64 --cache_backbone_features true "
+        "--calibrate_shifts true --knn_k 8 --num_neighbors 3 --cluster_probe_init kmeans"
     ).split(),
     "picie": (
         "--num_epochs 1 --batch_size 4 --resolution 64 --eval_resolution 64 --cluster_batch_size 8 "
@@ -564,7 +580,7 @@ def plan_steps(args: argparse.Namespace, output_dir: Path, random_backbone: str)
             backbone_paths["self-trained"] = str(Path(args.pretrained_backbone).resolve())
         else:
             backbone_paths["self-trained"] = str(seed_dir / "dino-pretrain" / "backbone")
-        for method in ("picie", "stego", "kmeans", "iic"):
+        for method in ("picie", "stego", "stego-kmeans-start", "kmeans", "iic"):
             if method not in args.methods:
                 continue
             config, extra = METHOD_CONFIGS[method], ["--num_classes", str(args.num_classes), *overrides[method]]
@@ -574,7 +590,7 @@ def plan_steps(args: argparse.Namespace, output_dir: Path, random_backbone: str)
             for backbone in args.backbones:
                 name = f"{method}-{backbone}"
                 run_extra = ["--backbone", backbone_paths[backbone], *extra]
-                if method == "stego":  # the recipe's shared .cache/knn would outlive the table
+                if method.startswith("stego"):  # the recipe's shared .cache/knn would outlive the table
                     run_extra += ["--knn_cache_dir", str(seed_dir / name / "knn_cache")]
                 depends = [f"seed{seed}/dino-pretrain"] if backbone == "self-trained" and needs_pretraining else []
                 segmentation.append(

@@ -187,7 +187,10 @@ def test_render_markdown_header_and_tables():
 def test_parse_args_defaults_and_quick(tmp_path):
     args = table.parse_args(["--output-dir", str(tmp_path)])
     assert args.seeds == [0, 1] and args.eval_resolution == 320 and args.max_eval_images is None
-    assert args.methods == ["kmeans", "stego", "picie", "iic"] and args.backbones == ["random", "self-trained"]
+    assert args.methods == ["kmeans", "stego", "stego-kmeans-start", "picie", "iic"] and args.backbones == [
+        "random",
+        "self-trained",
+    ]
     assert args.jobs >= 1 and args.threads >= 1
     quick = table.parse_args(["--quick", "--methods", "iic", "kmeans", "--seeds", "3"])
     assert (quick.eval_resolution, quick.max_train_images, quick.max_eval_images) == (64, 16, 8)
@@ -222,7 +225,11 @@ def test_plan_steps_commands_and_dependencies(tmp_path):
     assert names[0] == "seed0/dino-pretrain"
     assert set(names) == {
         "seed0/dino-pretrain",
-        *(f"seed0/{m}-{b}" for m in ("kmeans", "stego", "picie") for b in ("random", "self-trained")),
+        *(
+            f"seed0/{m}-{b}"
+            for m in ("kmeans", "stego", "stego-kmeans-start", "picie")
+            for b in ("random", "self-trained")
+        ),
         "seed0/iic",
     }
     # everything self-trained waits for the pretraining and is started after what waits for nothing
@@ -243,6 +250,9 @@ def test_plan_steps_commands_and_dependencies(tmp_path):
     assert option(stego, "--seed") == "0" and option(stego, "--val_split") == ""
     assert option(stego, "--output_dir") == str(tmp_path / "seed0" / "stego-self-trained")
     assert option(stego, "--max_train_images") == "16"
+    started = by_name["seed0/stego-kmeans-start-random"].train_command
+    assert option(started, "--cluster_probe_init") == "kmeans" and "--cluster_probe_init" not in stego
+    assert option(started, "--knn_cache_dir") == str(tmp_path / "seed0" / "stego-kmeans-start-random" / "knn_cache")
     assert option(by_name["seed0/kmeans-random"].train_command, "--backbone") == "random-vit-dino-tiny-16"
     assert "--backbone" not in by_name["seed0/iic"].train_command
     evaluate = by_name["seed0/iic"].eval_command

@@ -145,6 +145,7 @@ def test_every_number_equals_hf_useg_evaluate(setup, capsys):
     for report, entry in zip(setup["reports"], record["models"]):
         folder = setup["folders"]["kmeans" if report.model_type == "dino_segmentation" else "stego"]
         arguments = ["--split", "val", "--resolution", str(RESOLUTION), "--output-dir", str(folder.parent / "eval")]
+        arguments += ["--device", "cpu"]  # the report was computed on the CPU; on a GPU machine the CLI would use it
         assert main(["evaluate", str(folder), "--dataset", str(setup["scenes"]), "--quiet", *arguments]) == 0
         printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         row = results_rows[report.name]
@@ -313,6 +314,8 @@ def test_compare_command_writes_the_same_report(setup, tmp_path, capsys):
             "compare",
             str(folders["kmeans"]),
             str(folders["stego"]),
+            "--device",
+            "cpu",
             "--dataset",
             str(setup["scenes"]),
             "--split",

@@ -115,11 +115,21 @@ def test_bad_training_options_are_named(tmp_path):
 
 @pytest.mark.slow
 def test_cached_backbone_features_train_the_same_model(tmp_path):
-    """With the frozen backbone's maps computed once, training takes the same path (same draws, same data)."""
-    plain = train(load_training_arguments(TINY, output_dir=str(tmp_path / "plain"), max_steps=4, val_every=100))
+    """With the frozen backbone's maps computed once (the default; stored in float32 here), training takes the
+    path of the backbone run at every step (same draws, same data)."""
+    plain = train(
+        load_training_arguments(
+            TINY, output_dir=str(tmp_path / "plain"), max_steps=4, val_every=100, cache_backbone_features=False
+        )
+    )
     cached = train(
         load_training_arguments(
-            TINY, output_dir=str(tmp_path / "cached"), max_steps=4, val_every=100, cache_backbone_features=True
+            TINY,
+            output_dir=str(tmp_path / "cached"),
+            max_steps=4,
+            val_every=100,
+            cache_backbone_features=True,
+            feature_cache_dtype="float32",
         )
     )
     assert plain["steps"] == cached["steps"] == 4
