@@ -41,7 +41,7 @@ import functools
 import math
 import multiprocessing
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, NamedTuple
 
@@ -299,9 +299,11 @@ def _build_lattice(features: torch.Tensor, group_size: int) -> _Lattice:
     bary = bary[: d + 1].T.contiguous()  # [P, d + 1]
 
     # integer keys of the d + 1 vertices (their first d coordinates) packed into int64 codes, mixed radix
-    margin = 2 * (d + 1)  # room for the neighbours' keys
-    low = rem0[:d].amin(1) - margin
-    sizes = (rem0[:d].amax(1) + margin - low + 1).tolist()
+    # rem0 is rounded * (d + 1) moved by at most d + 1; the margin leaves room for the neighbours' keys too
+    margin = 3 * (d + 1)
+    lowest, highest = torch.aminmax(rounded[:d], dim=1)
+    low = lowest.to(torch.int64) * (d + 1) - margin
+    sizes = (highest.to(torch.int64) * (d + 1) + margin - low + 1).tolist()
     strides = [math.prod(sizes[i + 1 :]) for i in range(d)] + [0]
     group_stride = math.prod(sizes)
     num_groups = max(num_pixels // group_size, 1)
@@ -337,17 +339,29 @@ def _build_lattice(features: torch.Tensor, group_size: int) -> _Lattice:
     target = points + shifts[:, None]  # [d + 1, M], each row increasing
     at = _search_sorted(points, target).to(device).clamp_(max=num_points - 1)
     found = points[at] == target
-    point_ids = torch.arange(num_points, device=device)
+    point_ids = torch.arange(num_points, device=device, dtype=index_type).expand(d + 1, num_points)
     # neighbour 2 of each point (or -1), by sending every point to its neighbour 1, missing ones to a spare slot
-    neighbour_2 = torch.full((d + 1, num_points + 1), -1, dtype=torch.int64, device=device)
-    neighbour_2.scatter_(1, torch.where(found, at, num_points), point_ids.expand(d + 1, num_points))
-    entries = torch.stack([point_ids.expand(d + 1, num_points), at, neighbour_2[:, :num_points]], 2)
-    present = torch.stack([torch.ones_like(found), found, neighbour_2[:, :num_points] >= 0], 2)  # [d + 1, M, 3]
-    weights = torch.tensor([1.0, 0.5, 0.5], device=device).expand_as(present)
-    counts = present.sum(2, dtype=index_type)  # [d + 1, M]
-    offsets = counts.cumsum(1, dtype=index_type).sub_(counts)
+    neighbour_2 = torch.full((d + 1, num_points + 1), -1, dtype=index_type, device=device)
+    neighbour_2.scatter_(1, torch.where(found, at, num_points), point_ids)
+    neighbour_2 = neighbour_2[:, :num_points]
+    has_2 = neighbour_2 >= 0
+    # one flat array of bags for all axes; scatters whose missing entries go to a spare last slot stand in for masks
+    counts = found.to(torch.int64).add_(has_2).add_(1)
+    ends = counts.view(-1).cumsum(0).view(d + 1, num_points)
+    starts = ends - counts
+    total = int(ends[-1, -1])
+    indices = torch.empty(total + 1, dtype=index_type, device=device)
+    indices.scatter_(0, starts.view(-1), point_ids.reshape(-1))
+    indices.scatter_(0, torch.where(found, starts + 1, total).view(-1), at.to(index_type).view(-1))
+    indices.scatter_(0, torch.where(has_2, ends - 1, total).view(-1), neighbour_2.reshape(-1))
+    weights = torch.full((total,), 0.5, device=device).index_fill_(0, starts.view(-1), 1.0)
+    bounds = [0, *ends[:, -1].tolist()]
     blur = [
-        (entries[axis][present[axis]].to(index_type), offsets[axis], weights[axis][present[axis]])
+        (
+            indices[bounds[axis] : bounds[axis + 1]],
+            (starts[axis] - bounds[axis]).to(index_type),
+            weights[bounds[axis] : bounds[axis + 1]],
+        )
         for axis in range(d + 1)
     ]
     alpha = float(np.float32(1.0 / (1.0 + 2.0 ** (-d))))
@@ -474,17 +488,26 @@ def _torch_crf(images: torch.Tensor, logits: torch.Tensor, params: dict[str, Any
     device = logits.device
     pixels = height * width
     num_pixels = batch * pixels
-    # everything is pixel-major, [B * H * W, K], a pixel's labels contiguous
+    # everything is pixel-major, [B * H * W, K], a pixel's labels contiguous (channels-last memory)
+    logits = logits.float()
     upsampled = F.interpolate(
-        logits.float().contiguous(memory_format=torch.channels_last),
+        logits.contiguous(memory_format=torch.channels_last),
         size=(height, width),
         mode="bilinear",
         align_corners=False,
     )
-    upsampled = upsampled.permute(0, 2, 3, 1).reshape(num_pixels, num_labels)
-    log_clipped = torch.log_softmax(upsampled, 1).clamp_(min=math.log(1e-5))  # = -unary: log(clip(softmax, 1e-5))
-    del upsampled
-    q = log_clipped.exp()
+    shifted = upsampled.permute(0, 2, 3, 1).reshape(num_pixels, num_labels)
+    # softmax and log-softmax without a reduction over the labels per pixel (slow on CPU): the upsampled maximum
+    # of the logits bounds every upsampled logit (bilinear weights are convex) and is cheap to get
+    upper = F.interpolate(logits.amax(1, keepdim=True), size=(height, width), mode="bilinear", align_corners=False)
+    shifted.sub_(upper.view(num_pixels, 1))
+    q = torch.exp(shifted)
+    total = q.sum(1, keepdim=True)
+    if not bool(total.min() > 0):  # logits so far apart that exp underflowed: the per-pixel maximum after all
+        shifted.sub_(shifted.amax(1, keepdim=True))
+        total = torch.exp(shifted, out=q).sum(1, keepdim=True)
+    log_clipped = shifted.sub_(total.log()).clamp_(min=math.log(1e-5))  # = -unary = log(clip(softmax, 1e-5))
+    q.mul_(total.reciprocal_()).clamp_(min=1e-5)
     q.mul_(q.sum(1, keepdim=True).reciprocal_())  # = softmax(-unary), the library's starting point
     iterations = params["num_iterations"]
     compat_b, compat_g = params["bilateral_compat"], params["gaussian_compat"]
@@ -542,7 +565,7 @@ def _torch_crf(images: torch.Tensor, logits: torch.Tensor, params: dict[str, Any
         energy_scale = torch.ones(num_pixels, 1, device=device)
     state = q if carry is None else q.mul_(carry)  # Q * carry
     state_low = state.to(dtype)
-    energy = torch.empty_like(state)
+    energy = state if dtype != torch.float32 else torch.empty_like(state)
     for iteration in range(iterations):
         messages = []
         if compat_b != 0:
@@ -554,15 +577,22 @@ def _torch_crf(images: torch.Tensor, logits: torch.Tensor, params: dict[str, Any
             per_position = state_low.view(batch, pixels, num_labels).transpose(0, 1).reshape(pixels, -1)
             smoothed = _lattice_filter(gaussian, per_position, gaussian_splat, gaussian_slice)
             messages.append(smoothed.view(pixels, batch, num_labels).transpose(0, 1).reshape(num_pixels, num_labels))
+        message = messages[0]
+        for other in messages[1:]:
+            message.add_(other)
         for shift in (shift_maximum, True):
-            torch.addcmul(log_clipped, messages[0], energy_scale, out=energy)
-            for message in messages[1:]:
-                energy.addcmul_(message, energy_scale)
+            if message.dtype == energy.dtype:
+                torch.addcmul(log_clipped, message, energy_scale, out=energy)
+            else:  # mixed-dtype arithmetic would convert into a temporary
+                torch.addcmul(log_clipped, energy.copy_(message), energy_scale, out=energy)
             if shift:
                 energy.sub_(energy.amax(1, keepdim=True))
             weights = energy.exp_()
             total = weights.sum(1, keepdim=True)
-            if shift or bool(torch.isfinite(total).all() and (total > 0).all()):
+            if shift:
+                break
+            smallest, largest = torch.aminmax(total)
+            if smallest > 0 and largest < math.inf:
                 break
         scale = total.reciprocal_()
         if iteration == iterations - 1:
@@ -681,6 +711,41 @@ atexit.register(shutdown_crf_workers)
 # ones): its passes over [pixels, K] tensors are memory-bound, and bigger chunks were slower per image (measured
 # 1, 2, 4, 8 images of 320x320: 0.38, 0.41, 0.48, 0.73 CPU s per image at K = 27).
 _CPU_CHUNK_VALUES = 2**21
+# ... and its worker threads hold at most this many values' chunks at once (each needs ~40 bytes per value)
+_CPU_VALUES_IN_FLIGHT = 2**26
+
+
+def _torch_crf_chunks(
+    images: torch.Tensor, logits: torch.Tensor, params: dict[str, Any], chunksize: int
+) -> torch.Tensor:
+    """[`_torch_crf`] over chunks of `chunksize` images. On CPU the chunks go to ``torch.get_num_threads()``
+    worker threads, each running its chunk's operations single-threaded (or with its share of the threads).
+
+    One image's operations are too short for torch's intra-op threads to pay: every operation ends with a
+    barrier, and on a CPU shared with other busy processes a thread that is not scheduled holds all the others
+    (measured 5-9x slower with 2 threads than with 1 on a loaded 2-core machine). Images in separate threads
+    never wait on each other, so the batch goes as fast as the cores it gets. ``torch.set_num_threads`` is set
+    in the workers for the call and restored afterwards."""
+    batch = logits.shape[0]
+    starts = range(0, batch, chunksize)
+    threads = torch.get_num_threads()
+    values = chunksize * images.shape[1] * images.shape[2] * logits.shape[1]
+    workers = min(threads, len(starts), max(1, _CPU_VALUES_IN_FLIGHT // values))
+    if logits.device.type != "cpu" or workers == 1:
+        chunks = [_torch_crf(images[i : i + chunksize], logits[i : i + chunksize], params) for i in starts]
+    else:
+        per_worker = max(1, threads // workers)
+
+        def run(start: int) -> torch.Tensor:
+            torch.set_num_threads(per_worker)  # this thread's own (OpenMP) setting
+            return _torch_crf(images[start : start + chunksize], logits[start : start + chunksize], params)
+
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="dense_crf") as pool:
+                chunks = list(pool.map(run, starts))
+        finally:
+            torch.set_num_threads(threads)
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
 def dense_crf_batch(
@@ -775,11 +840,7 @@ def dense_crf_batch(
         if chunksize is None:
             per_image = height * width * num_labels
             chunksize = batch_size if logits.device.type != "cpu" else max(1, _CPU_CHUNK_VALUES // per_image)
-        chunks = [
-            _torch_crf(images[start : start + chunksize], logits[start : start + chunksize], params)
-            for start in range(0, batch_size, chunksize)
-        ]
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return _torch_crf_chunks(images, logits, params, chunksize)
 
     images = [_as_numpy(image) for image in images]
     out = torch.empty(batch_size, num_labels, height, width, dtype=torch.float32)
