@@ -673,7 +673,7 @@ def dense_crf(
     image = _check_image(image)
     logits = _check_logits(logits, ndim=3)
     if backend == "torch":
-        return _torch_crf(_as_tensor(image)[None], logits[None], params)[0]
+        return _torch_crf_chunks(_as_tensor(image)[None], logits[None], params)[0]
     _import_densecrf()
     q = _crf_worker(_task(_as_numpy(image), logits, params))
     return torch.from_numpy(q).to(logits.device)
@@ -718,33 +718,48 @@ _CPU_VALUES_IN_FLIGHT = 2**26
 
 
 def _torch_crf_chunks(
-    images: torch.Tensor, logits: torch.Tensor, params: dict[str, Any], chunksize: int
+    images: torch.Tensor, logits: torch.Tensor, params: dict[str, Any], chunksize: int | None = None
 ) -> torch.Tensor:
-    """[`_torch_crf`] over chunks of `chunksize` images. On CPU the chunks go to ``torch.get_num_threads()``
-    worker threads, each running its chunk's operations single-threaded (or with its share of the threads).
+    """[`_torch_crf`] over chunks of `chunksize` images (default: the whole batch on GPU; on CPU about
+    `_CPU_CHUNK_VALUES` values, and at least one chunk per thread when the batch allows).
 
-    One image's operations are too short for torch's intra-op threads to pay: every operation ends with a
-    barrier, and on a CPU shared with other busy processes a thread that is not scheduled holds all the others
-    (measured 5-9x slower with 2 threads than with 1 on a loaded 2-core machine). Images in separate threads
-    never wait on each other, so the batch goes as fast as the cores it gets. ``torch.set_num_threads`` is set
-    in the workers for the call and restored afterwards."""
-    batch = logits.shape[0]
+    On CPU every chunk runs single-threaded, the chunks in ``torch.get_num_threads()`` worker threads: one image's
+    operations are too short for torch's intra-op threads, whose every operation ends with a barrier; on a CPU
+    shared with other busy processes a thread that is not scheduled holds all the others up (measured on a loaded
+    2-core machine: 2 threads 5-30x slower than 1). Images in separate threads never wait on each other, so a
+    batch goes as fast as the cores it gets, and a single image runs on one core. ``torch.set_num_threads`` is
+    set to 1 for the call (in the worker threads and, when it runs the work itself, the calling thread) and
+    restored afterwards."""
+    batch, height, width = images.shape[:3]
+    device = logits.device
+    if chunksize is None:
+        if device.type != "cpu":
+            chunksize = batch
+        else:
+            chunksize = max(1, _CPU_CHUNK_VALUES // (height * width * logits.shape[1]))
+            chunksize = min(chunksize, math.ceil(batch / torch.get_num_threads()))
     starts = range(0, batch, chunksize)
-    threads = torch.get_num_threads()
-    values = chunksize * images.shape[1] * images.shape[2] * logits.shape[1]
-    workers = min(threads, len(starts), max(1, _CPU_VALUES_IN_FLIGHT // values))
-    if logits.device.type != "cpu" or workers == 1:
-        chunks = [_torch_crf(images[i : i + chunksize], logits[i : i + chunksize], params) for i in starts]
-    else:
-        per_worker = max(1, threads // workers)
 
-        def run(start: int) -> torch.Tensor:
-            torch.set_num_threads(per_worker)  # this thread's own (OpenMP) setting
-            return _torch_crf(images[start : start + chunksize], logits[start : start + chunksize], params)
+    def run(start: int) -> torch.Tensor:
+        return _torch_crf(images[start : start + chunksize], logits[start : start + chunksize], params)
+
+    if device.type != "cpu":
+        chunks = [run(start) for start in starts]
+    else:
+        threads = torch.get_num_threads()
+        values = chunksize * height * width * logits.shape[1]
+        workers = min(threads, len(starts), max(1, _CPU_VALUES_IN_FLIGHT // values))
+
+        def run_single_threaded(start: int) -> torch.Tensor:
+            torch.set_num_threads(1)  # this thread's own setting (OpenMP), and the default of new threads
+            return run(start)
 
         try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="dense_crf") as pool:
-                chunks = list(pool.map(run, starts))
+            if workers == 1:
+                chunks = [run_single_threaded(start) for start in starts]
+            else:
+                with ThreadPoolExecutor(workers, thread_name_prefix="dense_crf") as pool:
+                    chunks = list(pool.map(run_single_threaded, starts))
         finally:
             torch.set_num_threads(threads)
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
@@ -838,11 +853,7 @@ def dense_crf_batch(
     if backend == "torch":
         if isinstance(images, list):
             images = torch.stack([_as_tensor(image).to(logits.device) for image in images])
-        images = _as_tensor(images)
-        if chunksize is None:
-            per_image = height * width * num_labels
-            chunksize = batch_size if logits.device.type != "cpu" else max(1, _CPU_CHUNK_VALUES // per_image)
-        return _torch_crf_chunks(images, logits, params, chunksize)
+        return _torch_crf_chunks(_as_tensor(images), logits, params, chunksize)
 
     images = [_as_numpy(image) for image in images]
     out = torch.empty(batch_size, num_labels, height, width, dtype=torch.float32)
