@@ -505,7 +505,7 @@ def _torch_crf(images: torch.Tensor, logits: torch.Tensor, params: dict[str, Any
     shifted.sub_(upper.view(num_pixels, 1))
     q = torch.exp(shifted)
     total = q.sum(1, keepdim=True)
-    if not bool(total.min() > 0):  # logits so far apart that exp underflowed: the per-pixel maximum after all
+    if not bool(total.min() > 1e-20):  # logits so far apart that exp lost precision: the per-pixel maximum then
         shifted.sub_(shifted.amax(1, keepdim=True))
         total = torch.exp(shifted, out=q).sum(1, keepdim=True)
     log_clipped = shifted.sub_(total.log()).clamp_(min=math.log(1e-5))  # = -unary = log(clip(softmax, 1e-5))

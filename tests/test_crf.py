@@ -272,13 +272,73 @@ def test_torch_batch_equals_loop_of_singles():
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_torch_backend_takes_low_precision_logits(dtype):
+def test_torch_batch_in_worker_threads_equals_loop_and_restores_the_thread_count():
+    images = np.stack([photo_like(24, 32, seed) for seed in range(5)])
+    logits = torch.randn(5, 4, 3, 4, generator=torch.Generator().manual_seed(9))
+    singles = torch.stack([dense_crf(image, logit, backend="torch") for image, logit in zip(images, logits)])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # 5 images over 3 worker threads, each single-threaded
+        batch = dense_crf_batch(images, logits, backend="torch")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(batch, singles, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_torch_backend_takes_any_float_logits(dtype):
     images = np.stack([photo_like(16, 24, 7)])
     logits = torch.randn(1, 4, 2, 3, generator=torch.Generator().manual_seed(7)).to(dtype)
     q = dense_crf_batch(images, logits, backend="torch")
     assert q.dtype == torch.float32 and q.device == logits.device
     torch.testing.assert_close(q, dense_crf_batch(images, logits.float(), backend="torch"), atol=1e-6, rtol=0)
+
+
+@needs_crf
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"bilateral_compat": 200.0},  # energies past exp's range: the iteration is redone with the maximum shifted
+        {"gaussian_compat": -5.0},  # negative messages: always shifted
+    ],
+)
+def test_torch_backend_extreme_compat_matches_the_reference(params):
+    images = np.stack([photo_like(32, 40, seed) for seed in range(2)])
+    logits = 2 * torch.randn(2, 5, 4, 5, generator=torch.Generator().manual_seed(10))
+    q = dense_crf_batch(images, logits, backend="torch", **params)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.sum(1), torch.ones(2, 32, 40), atol=1e-5, rtol=0)
+    argmax, mean_dq = agreement(q, dense_crf_batch(images, logits, **params))
+    assert argmax > 0.98 and mean_dq < 5e-3
+
+
+@needs_crf
+def test_torch_backend_takes_logits_far_apart():
+    # neighbouring patches' logits 200 apart: the unary's shortcut (the upsampled maximum) underflows, redone exactly
+    images = np.stack([photo_like(24, 32, 11)])
+    logits = torch.zeros(1, 3, 3, 4)
+    logits[0, 0, :, :2] = 200.0
+    logits[0, 1, :, 2:] = 200.0
+    logits[0, 2, 1] = -300.0
+    q = dense_crf_batch(images, logits, backend="torch", num_iterations=0)
+    torch.testing.assert_close(q, dense_crf_batch(images, logits, num_iterations=0), atol=1e-6, rtol=0)
+    argmax, _ = agreement(dense_crf_batch(images, logits, backend="torch"), dense_crf_batch(images, logits))
+    assert argmax > 0.99
+
+
+@pytest.mark.skipif(
+    crf_module._message_dtype("cpu") != torch.bfloat16, reason="bfloat16 messages only on CPUs with bf16 instructions"
+)
+def test_bfloat16_messages_agree_with_float32():
+    images = np.stack([photo_like(48, 64, seed) for seed in range(2)])
+    logits = 2 * torch.randn(2, 6, 6, 8, generator=torch.Generator().manual_seed(12))
+    q = dense_crf_batch(images, logits, backend="torch")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(crf_module, "_message_dtype", lambda device_type: torch.float32)
+        exact = dense_crf_batch(images, logits, backend="torch")
+    argmax, mean_dq = agreement(q, exact)
+    assert argmax > 0.995 and mean_dq < 5e-4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -288,7 +348,10 @@ def test_torch_backend_on_cuda():
     on_cpu = dense_crf_batch(images, logits, backend="torch")
     q = dense_crf_batch(torch.from_numpy(images).cuda(), logits.cuda().half(), backend="torch")
     assert q.device.type == "cuda" and q.dtype == torch.float32
-    argmax, mean_dq = agreement(q.cpu(), dense_crf_batch(images, logits.half().float(), backend="torch"))
+    with pytest.MonkeyPatch.context() as patch:  # float32 messages on the CPU too, as on CUDA
+        patch.setattr(crf_module, "_message_dtype", lambda device_type: torch.float32)
+        reference = dense_crf_batch(images, logits.half().float(), backend="torch")
+    argmax, mean_dq = agreement(q.cpu(), reference)
     assert argmax > 0.999 and mean_dq < 1e-4
     assert dense_crf(images[0], logits[0].cuda(), backend="torch").device.type == "cuda"
     assert on_cpu.device.type == "cpu"
@@ -318,3 +381,9 @@ def test_torch_backend_errors():
         dense_crf_batch(images, logits, backend="torch", chunksize=0)
     with pytest.raises(ValueError, match="at least 2 classes"):
         dense_crf(image, logits[0, :1], backend="torch")
+    with pytest.raises(ValueError, match=r"logits must be \[B, K, h, w\]"):
+        dense_crf_batch(images, logits[0], backend="torch")
+    with pytest.raises(TypeError, match="logits must be floating point"):
+        dense_crf_batch(images, logits.to(torch.int64), backend="torch")
+    with pytest.raises(TypeError, match="image must be a uint8"):
+        dense_crf(image.astype(np.float32), logits[0], backend="torch")
