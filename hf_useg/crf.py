@@ -256,8 +256,9 @@ def _search_sorted(sorted_values: torch.Tensor, queries: torch.Tensor) -> torch.
 
 
 def _build_lattice(features: torch.Tensor, group_size: int) -> _Lattice:
-    """The permutohedral lattice of `features` `[P, d]` (float32, already divided by the kernel widths), in
-    groups of `group_size` consecutive pixels that never share a lattice point (one group per image).
+    """The permutohedral lattice of `features` `[P, d]` (float32, already divided by the kernel widths; the
+    transposed view of a `[d, P]` tensor is read fastest), in groups of `group_size` consecutive pixels that never
+    share a lattice point (one group per image).
 
     Every step reproduces pydensecrf's ``Permutohedral::init`` in float32 (elevation, rounding to the nearest
     remainder-0 point, ranks, barycentric weights, vertex keys), so the same pixels land on the same lattice
@@ -268,7 +269,7 @@ def _build_lattice(features: torch.Tensor, group_size: int) -> _Lattice:
     device = features.device
     inv_std = float(np.float32(math.sqrt(2.0 / 3.0) * (d + 1)))
     scale = torch.tensor([1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std for i in range(d)], dtype=torch.float32)
-    cf = features.T * scale.to(device)[:, None]  # [d, P]: one row per coordinate
+    cf = features.T.contiguous() * scale.to(device)[:, None]  # [d, P]: one row per coordinate
     # elevate onto the hyperplane sum(x) = 0 of R^(d+1), in the library's order of float operations
     elevated = torch.empty(d + 1, num_pixels, device=device)
     running = torch.zeros(num_pixels, device=device)
@@ -281,55 +282,55 @@ def _build_lattice(features: torch.Tensor, group_size: int) -> _Lattice:
     rounded = torch.round(elevated * down)
     rem0 = rounded * (d + 1)
     diff = elevated - rem0
-    rank = rounded.sum(0).to(torch.int32).expand(d + 1, num_pixels).clone()
+    rank = rounded.sum(0).to(torch.int16).expand(d + 1, num_pixels).clone()
     for i in range(d):  # the library's pairwise comparisons (ties to the later coordinate)
         for j in range(i + 1, d + 1):
             less = diff[i] < diff[j]
             rank[i] += less
             rank[j] += ~less
-    wrap = (rank < 0).to(torch.int32) - (rank > d).to(torch.int32)
+    wrap = (rank < 0).to(torch.int16) - (rank > d).to(torch.int16)
     rank += (d + 1) * wrap
-    rem0 = rem0.to(torch.int64) + (d + 1) * wrap
-    # barycentric weights: each slot gets one + and one - term, so the order of the library's sums does not matter
-    frac = (elevated - rem0) * down
+    rem0 += (d + 1) * wrap  # still exact integers in float32
     rank = rank.to(torch.int64)
-    plus = torch.zeros(d + 2, num_pixels, device=device).scatter_(0, d - rank, frac)
-    bary = plus - torch.zeros(d + 2, num_pixels, device=device).scatter_(0, d - rank + 1, frac)
-    bary[0] += 1 + bary[d + 1]
-    bary = bary[: d + 1].T.contiguous()  # [P, d + 1]
+    # Barycentric weights: with s the coordinates' (elevated - rem0) / (d + 1) placed by rank, vertex r's weight is
+    # s[d - r] - s[d - r + 1] and vertex 0's is s[d] + (1 - s[0]), the library's sums term for term.
+    by_rank = torch.empty(d + 1, num_pixels, device=device).scatter_(0, rank, (elevated - rem0) * down)
+    bary = torch.empty(d + 1, num_pixels, device=device)  # [vertex, P]
+    torch.add(by_rank[d], 1 - by_rank[0], out=bary[0])
+    for r in range(1, d + 1):
+        torch.sub(by_rank[d - r], by_rank[d - r + 1], out=bary[r])
 
-    # integer keys of the d + 1 vertices (their first d coordinates) packed into int64 codes, mixed radix
-    # rem0 is rounded * (d + 1) moved by at most d + 1; the margin leaves room for the neighbours' keys too
+    # integer keys of the d + 1 vertices (their first d coordinates) packed into int64 codes, mixed radix;
+    # rem0 is rounded * (d + 1) moved by at most d + 1, and the margin leaves room for the neighbours' keys too
     margin = 3 * (d + 1)
-    lowest, highest = torch.aminmax(rounded[:d], dim=1)
-    low = lowest.to(torch.int64) * (d + 1) - margin
-    sizes = (highest.to(torch.int64) * (d + 1) + margin - low + 1).tolist()
+    low = rounded[:d].amin(1).to(torch.int64) * (d + 1) - margin
+    sizes = (rounded[:d].amax(1).to(torch.int64) * (d + 1) + margin - low + 1).tolist()
     strides = [math.prod(sizes[i + 1 :]) for i in range(d)] + [0]
     group_stride = math.prod(sizes)
     num_groups = max(num_pixels // group_size, 1)
     if group_stride * num_groups >= 2**62:
         raise ValueError("the CRF features span too large a range for the lattice's int64 keys")
     stride_t = torch.tensor(strides, dtype=torch.int64, device=device)
-    codes = torch.empty(num_pixels, d + 1, dtype=torch.int64, device=device)  # pixel-major, as the library splats
-    codes[:, 0] = ((rem0[:d] - low[:, None]) * stride_t[:d, None]).sum(0)
+    codes = torch.empty(d + 1, num_pixels, dtype=torch.int64, device=device)  # [vertex, P]
+    torch.sum((rem0[:d].to(torch.int64) - low[:, None]) * stride_t[:d, None], 0, out=codes[0])
     if num_groups > 1:
-        codes[:, 0].view(num_groups, group_size).add_(torch.arange(num_groups, device=device)[:, None] * group_stride)
+        codes[0].view(num_groups, group_size).add_(torch.arange(num_groups, device=device)[:, None] * group_stride)
     # vertex r = vertex r - 1 + 1 on every coordinate, - d on the one of rank d - r + 1
     stride_of_rank = torch.zeros(d + 1, num_pixels, dtype=torch.int64, device=device)
     stride_of_rank.scatter_(0, rank, stride_t[:, None].expand(d + 1, num_pixels))
-    codes[:, 1:] = sum(strides) - stride_of_rank[1:].T.flip(1) * (d + 1)
-    codes = codes.cumsum_(1).view(-1)
+    for r in range(1, d + 1):
+        torch.sub(codes[r - 1] + sum(strides), stride_of_rank[d - r + 1] * (d + 1), out=codes[r])
 
-    # a stable sort keeps each lattice point's pixels in pixel order, the library's order of summation
-    sorted_codes, order = torch.sort(codes, stable=True)
+    # One stable sort of all the (vertex, pixel) codes: the lattice points, each pixel's vertices, the splat groups
+    # (a point's pixels in vertex-then-pixel order; the library adds them in pixel order, equal to float rounding).
+    sorted_codes, order = torch.sort(codes.view(-1), stable=True)
     index_type = torch.int32 if num_pixels * (d + 1) < 2**31 else torch.int64  # int32: faster bags
-    first = torch.empty_like(sorted_codes, dtype=torch.bool)
-    first[0] = True
-    torch.ne(sorted_codes[1:], sorted_codes[:-1], out=first[1:])
-    point_of_sorted = first.cumsum(0, dtype=index_type).sub_(1)
-    num_points = int(point_of_sorted[-1]) + 1
-    slice_points = torch.empty_like(point_of_sorted).scatter_(0, order, point_of_sorted)
-    points = sorted_codes[first]
+    points, point_of_sorted, group_sizes = torch.unique_consecutive(
+        sorted_codes, return_inverse=True, return_counts=True
+    )
+    num_points = len(points)
+    slice_points = torch.empty(d + 1, num_pixels, dtype=index_type, device=device)
+    slice_points.view(-1).scatter_(0, order, point_of_sorted.to(index_type))
 
     # Blur: along each axis a point gets itself plus half of each of its two neighbours that exist. Neighbour 1
     # along an axis: every key coordinate - 1 except + d on the axis itself; neighbour 2 the opposite, so b is a's
@@ -349,26 +350,25 @@ def _build_lattice(features: torch.Tensor, group_size: int) -> _Lattice:
     half = torch.tensor([1.0, 0.5, 0.5], device=device)
     blur = []
     for first_axis in range(0, d + 1, 2):
-        slots = neighbours[first_axis, :num_points]  # [M, 3]
-        weights = half
-        if first_axis + 1 <= d:
-            slots = neighbours[first_axis].index_select(0, neighbours[first_axis + 1, :num_points].reshape(-1).long())
-            weights = (half[:, None] * half).view(-1)
-        slots = slots.view(num_points, -1)  # [M, 3 or 9]
+        slots, weights = neighbours[first_axis, :num_points], half  # [M, 3]
+        if first_axis < d:
+            second = neighbours[first_axis + 1, :num_points].reshape(-1).to(torch.int64)
+            slots, weights = neighbours[first_axis].index_select(0, second), (half[:, None] * half).view(-1)
+        slots = slots.reshape(num_points, -1)  # [M, 3 or 9]
         present = slots != missing
         kept = present.view(-1).nonzero().squeeze(1)
-        counts = present.sum(1, dtype=index_type)
-        blur.append(
-            (slots.view(-1)[kept], counts.cumsum(0, dtype=index_type) - counts, weights[kept % weights.numel()])
-        )
+        bag_sizes = present.sum(1, dtype=index_type)
+        entries = slots.view(-1).index_select(0, kept)
+        blur.append((entries, bag_sizes.cumsum(0, dtype=index_type) - bag_sizes, weights.repeat(num_points)[kept]))
+
     alpha = float(np.float32(1.0 / (1.0 + 2.0 ** (-d))))
     return _Lattice(
         num_points=num_points,
-        splat_pixels=torch.div(order.to(index_type), d + 1, rounding_mode="trunc"),
+        splat_pixels=order.to(index_type).remainder_(num_pixels),
         splat_weights=bary.view(-1).index_select(0, order),
-        splat_offsets=first.nonzero().squeeze(1).to(index_type),
-        slice_points=slice_points,
-        slice_weights=bary * alpha,
+        splat_offsets=(group_sizes.cumsum(0) - group_sizes).to(index_type),
+        slice_points=slice_points.T.reshape(-1),
+        slice_weights=(bary * alpha).T.contiguous(),
         slice_offsets=torch.arange(0, num_pixels * (d + 1), d + 1, device=device, dtype=index_type),
         blur=blur,
     )
