@@ -480,6 +480,15 @@ def _with_dtype(lattice: _Lattice, dtype: torch.dtype) -> _Lattice:
     return lattice._replace(blur=blur)
 
 
+def _exp_without_maximum(device_type: str) -> bool:
+    """Whether the loop's softmax takes exp() of the energies without subtracting each pixel's maximum first: on
+    CPU, where that maximum is a slow reduction over the short label axis (not on GPU, where it costs nothing).
+    -unary is <= 0 with a maximum over the labels >= -log K, and the messages (>= 0 when every compat is) do not
+    reach exp's overflow for any sane compat; should a pixel's sum over the labels not be a finite positive
+    number, the iteration is redone the safe way."""
+    return device_type == "cpu"
+
+
 @torch.no_grad()
 def _torch_crf(images: torch.Tensor, logits: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
     """Mean field on a batch: `images` `[B, H, W, 3]` uint8 RGB and `logits` `[B, K, h, w]` on one device;
@@ -552,9 +561,10 @@ def _torch_crf(images: torch.Tensor, logits: torch.Tensor, params: dict[str, Any
 
     if compat_b != 0:
         sxy, srgb = params["bilateral_sxy"], params["bilateral_srgb"]
-        bgr = images.to(device).flip(-1).reshape(num_pixels, 3).float() / srgb  # the library sees BGR (STEGO)
-        features = torch.cat([(xx / sxy).repeat(batch)[:, None], (yy / sxy).repeat(batch)[:, None], bgr], 1)
-        bilateral = _with_dtype(_build_lattice(features, pixels), dtype)
+        rgb = images.to(device).reshape(num_pixels, 3)
+        channels = [rgb[:, channel].float() / srgb for channel in (2, 1, 0)]  # the library sees BGR (STEGO)
+        features = torch.stack([(xx / sxy).repeat(batch), (yy / sxy).repeat(batch), *channels])  # [5, P]
+        bilateral = _with_dtype(_build_lattice(features.T, pixels), dtype)
         norm_b = _lattice_norm(bilateral)[:, None]
         splat_scale, slice_scale = norm_b, norm_b * compat_b
         if carry is not None:
@@ -562,11 +572,7 @@ def _torch_crf(images: torch.Tensor, logits: torch.Tensor, params: dict[str, Any
         splat_b = (bilateral.splat_weights * splat_scale.squeeze(1)[bilateral.splat_pixels]).to(dtype)
         slice_b = (bilateral.slice_weights * slice_scale).to(dtype)
 
-    # exp() of the energies without subtracting each pixel's maximum first, on CPU where that costs a slow
-    # reduction: -unary is <= 0 with a maximum over the labels >= -log K and the messages (>= 0 when every compat
-    # is) do not reach exp's overflow for any sane compat; should a pixel's sum over the labels not be a finite
-    # positive number, the iteration is redone the safe way
-    shift_maximum = device.type != "cpu" or min(compat_b, compat_g) < 0
+    shift_maximum = not _exp_without_maximum(device.type) or min(compat_b, compat_g) < 0
     if energy_scale is None:
         energy_scale = torch.ones(num_pixels, 1, device=device)
     state = q if carry is None else q.mul_(carry)  # Q * carry

@@ -341,6 +341,20 @@ def test_bfloat16_messages_agree_with_float32():
     assert argmax > 0.995 and mean_dq < 5e-4
 
 
+def test_torch_backend_gpu_code_path_on_cpu():
+    # what differs on a GPU, run here: torch's searchsorted, float32 messages, the per-pixel maximum before exp,
+    # the whole batch in one pass
+    images = np.stack([photo_like(40, 56, seed) for seed in range(3)])
+    logits = 2 * torch.randn(3, 5, 5, 7, generator=torch.Generator().manual_seed(13))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(crf_module, "_message_dtype", lambda device_type: torch.float32)
+        cpu_path = dense_crf_batch(images, logits, backend="torch")
+        patch.setattr(crf_module, "_search_sorted", torch.searchsorted)
+        patch.setattr(crf_module, "_exp_without_maximum", lambda device_type: False)
+        gpu_path = dense_crf_batch(images, logits, backend="torch", chunksize=3)
+    torch.testing.assert_close(gpu_path, cpu_path, atol=1e-5, rtol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_torch_backend_on_cuda():
     images = np.stack([photo_like(40, 56, seed) for seed in range(2)])
