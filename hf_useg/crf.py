@@ -18,10 +18,10 @@ can be one lower than the original image's.
 `pydensecrf` or worker processes: the bilateral kernel on a permutohedral lattice built as the library builds its
 own (messages equal to float rounding in float32), the Gaussian kernel by a separable convolution with the
 library's measured kernel (the approximation: 99.93% of the pixels keep the reference's argmax on CamVid, mean
-|dQ| 5e-5). On CPUs with bfloat16 instructions the messages are filtered in bfloat16 (same agreement). On CPU it
-is 2-2.5x faster than the reference per core (320x320, 27 labels: ~0.25 s per image against 0.44-0.65 s on a
-Zen 4 core, `benchmarks/bench_crf.py`) and spreads a batch over ``torch.get_num_threads()`` cores. The reference
-stays the default.
+|dQ| 5e-5). On CPUs with bfloat16 instructions the messages are filtered in bfloat16 (same agreement). Per CPU
+core it takes ~0.25 s for a 320x320 image with 27 labels, the reference 0.44 s on an idle Zen 4 core and 0.55-0.7 s
+on a busy machine (`benchmarks/bench_crf.py`); a batch is spread over ``torch.get_num_threads()`` cores. The
+reference stays the default.
 
 Example:
 
@@ -413,7 +413,8 @@ def _lattice_norm(lattice: _Lattice) -> torch.Tensor:
 _MAX_CONVOLUTION_SXY = 4.0
 
 
-_MIN_TAP = 1e-2  # relative to the largest tap
+# Gaussian taps below this fraction of the largest are dropped (see `_gaussian_taps`).
+_MIN_TAP = 1e-2
 
 
 @functools.lru_cache(maxsize=8)
