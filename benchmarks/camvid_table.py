@@ -99,10 +99,12 @@ DASH = "—"
 # Schedule overrides of the full table (on top of each recipe file): the recipes' own schedules are sized for a GPU
 # (STEGO 2000 steps, PiCIE 20 epochs at 320 px). STEGO: the 600-step CPU setting of stego_camvid.yaml's comment
 # (cached backbone features, shifts calibrated to the backbone); PiCIE: 3 epochs at 224 px (its final re-clustering
-# stays at the recipe's eval_resolution). k-means, IIC and the DINO pretraining run their recipe files unchanged.
+# stays at the recipe's eval_resolution); k-means fitted at 224 px like them. IIC and the DINO pretraining run their
+# recipe files unchanged.
 FULL_OVERRIDES: dict[str, list[str]] = {
     "pretrain": [],
-    "kmeans": [],
+    # k-means is fitted at the resolution STEGO and PiCIE train at (its recipe fits at its eval resolution, 320)
+    "kmeans": "--resolution 224".split(),
     "stego": "--max_steps 600 --cache_backbone_features true --calibrate_shifts true".split(),
     # STEGO's cluster probe started from k-means of the first batch's code instead of N(0, 1) (issue 14, item 4)
     "stego-kmeans-start": (
