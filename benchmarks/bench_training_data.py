@@ -25,8 +25,8 @@ from hf_useg.training import (
     load_training_arguments,
     resolve_recipe_options,
 )
-from hf_useg.training.loop import _processor as processor_for
-from hf_useg.training.loop import build_model
+from hf_useg.training.data import build_model
+from hf_useg.training.data import protocol_processor as processor_for
 
 SHARED_CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid11"
 
