@@ -804,12 +804,19 @@ def main(argv: list[str] | None = None) -> int:
         import hf_useg
 
         hf_useg._register_auto_classes()  # the console script defers it to here (see `hf_useg/__init__.py`)
-        return args.func(args)
+        status = args.func(args)
     except _REPORTED_ERRORS as error:
         if args.debug:
             raise
         print(f"hf-useg: {_one_line(error)}", file=sys.stderr)
         return 2
+    if _launched_processes() > 1:
+        # everything is written: skip the interpreter's teardown of gloo's threads, which can abort a rank
+        # ("terminate called without an active exception") or hang it (see hf_useg.training.loop._end)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def _one_line(error: BaseException) -> str:

@@ -407,7 +407,7 @@ def test_reloaded_model_evaluates_both_heads_with_iid_plus(uninterrupted):
 
 
 _HEADS_SCRIPT = """
-import json, sys
+import json, os, sys
 
 import numpy as np
 import torch
@@ -431,6 +431,10 @@ if accelerator.is_main_process:
     matrices = {name: np.asarray(values["confusion_matrix"]).tolist() for name, values in results.items()}
     with open(sys.argv[1], "w") as handle:
         json.dump({"world_size": accelerator.num_processes, "confusion": matrices}, handle)
+accelerator.wait_for_everyone()
+# gloo's threads torn down by the interpreter's exit can abort a rank ("terminate called without an active
+# exception"); training/train.py ends multi-process runs the same way
+os._exit(0)
 """
 
 
