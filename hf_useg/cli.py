@@ -214,6 +214,7 @@ _SEGMENTATION_ONLY_OPTIONS = {
     "matching": "hungarian",
     "crf": False,
     "crf_workers": 0,
+    "crf_backend": "pydensecrf",
     "image_column": None,
     "label_column": None,
 }
@@ -414,6 +415,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         flip_tta=not args.no_flip_tta,
         crf=args.crf,
         crf_workers=args.crf_workers,
+        crf_backend=args.crf_backend,
         matching=args.matching,
         max_images=args.max_images,
         num_workers=num_workers,
@@ -438,6 +440,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "crop": "center",
             "flip_tta": not args.no_flip_tta,
             "crf": args.crf,
+            **({"crf_backend": args.crf_backend} if args.crf else {}),
             "matching": args.matching,
         },
         "processes": 1 if accelerator is None else accelerator.num_processes,
@@ -528,6 +531,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 flip_tta=not args.no_flip_tta,
                 crf=args.crf,
                 crf_workers=args.crf_workers,
+                crf_backend=args.crf_backend,
                 matching=args.matching,
                 max_images=args.max_images,
                 num_examples=args.report_examples,
@@ -663,7 +667,13 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--matching", choices=["hungarian", "majority", "none"], default="hungarian")
     parser.add_argument("--crf", action="store_true", help="also score the dense-CRF refined predictions")
-    parser.add_argument("--crf-workers", type=int, default=0)
+    parser.add_argument("--crf-workers", type=int, default=0, help="pydensecrf worker processes (0: this one)")
+    parser.add_argument(
+        "--crf-backend",
+        choices=["pydensecrf", "torch"],
+        default="pydensecrf",
+        help="the reference library (default) or the batched PyTorch CRF on the model's device (hf_useg.crf)",
+    )
     parser.add_argument("--no-flip-tta", action="store_true", help="disable horizontal-flip test-time augmentation")
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the GPU when there is one)")
@@ -688,8 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Score a segmentation model (cluster and linear probes, mIoU) on a segmentation dataset, or an object "
             "detector (AutoModelForObjectDetection, e.g. a fine-tuned Deformable DETR) on a detection dataset with "
-            "COCO AP and DETReg's VOC07 AP. --num-classes, --matching, --crf, --crf-workers, --dtype, --image-column "
-            "and --label-column are for segmentation models only."
+            "COCO AP and DETReg's VOC07 AP. --num-classes, --matching, --crf, --crf-workers, --crf-backend, --dtype, "
+            "--image-column and --label-column are for segmentation models only."
         ),
     )
     evaluate.add_argument("model", help="model folder or Hub id")

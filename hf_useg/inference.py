@@ -92,6 +92,7 @@ def evaluate_segmenter(
     flip_tta: bool = True,
     crf: bool = False,
     crf_workers: int = 0,
+    crf_backend: str = "pydensecrf",
     matching: str = "hungarian",
     max_images: int | None = None,
     num_workers: int = 0,
@@ -159,6 +160,7 @@ def evaluate_segmenter(
                 flip_tta=flip_tta,
                 crf=crf,
                 crf_workers=crf_workers,
+                crf_backend=crf_backend,
             )
         num_clusters = prediction.cluster_log_probs.shape[1]
         metric("cluster", num_clusters, matching).update(prediction.cluster_log_probs.argmax(1), labels)

@@ -282,6 +282,7 @@ class UnsupervisedSegmentationPreTrainedModel(CheckedLoadingMixin, PreTrainedMod
         images: np.ndarray | Sequence[np.ndarray] | None = None,
         crf_workers: int = 0,
         autocast_dtype: str | torch.dtype | None = None,
+        crf_backend: str = "pydensecrf",
     ) -> UnsupervisedSegmentationPrediction:
         """Segment a batch in the method's evaluation order (STEGO, METHODS 1.3).
 
@@ -293,7 +294,9 @@ class UnsupervisedSegmentationPreTrainedModel(CheckedLoadingMixin, PreTrainedMod
             images: uint8 RGB images ``[B, H, W, 3]`` at ``output_size`` for the CRF. When omitted they are rebuilt
                 from ``pixel_values`` the way STEGO does (un-normalise, x255, truncate; METHODS 0.7), bilinearly
                 resized first when ``output_size`` differs from the input size.
-            crf_workers: CPU processes for the CRF (0 = in this process).
+            crf_workers: CPU processes for the CRF (0 = in this process; ``crf_backend="pydensecrf"`` only).
+            crf_backend: ``"pydensecrf"`` (the reference, default) or ``"torch"`` (`hf_useg.crf`'s batched PyTorch
+                implementation of the same model, run on the logits' device).
             autocast_dtype: run the backbone under ``torch.autocast`` with this dtype (`torch.bfloat16`,
                 `torch.float16`, or ``"auto"``: bfloat16 on a GPU, full precision on the CPU; see
                 `hf_useg.backbones.resolve_autocast_dtype`); the heads and probes always run in the model's dtype.
@@ -327,13 +330,15 @@ class UnsupervisedSegmentationPreTrainedModel(CheckedLoadingMixin, PreTrainedMod
                     raise ValueError(
                         f"images for the CRF must be [B, {size[0]}, {size[1]}, 3] uint8, got shape {images.shape}"
                     )
-                prediction.cluster_crf_probs = dense_crf_batch(
-                    images, cluster_log_probs.float().cpu(), num_workers=crf_workers
-                ).to(cluster_log_probs.device)
+
+                def refine(log_probs: torch.Tensor) -> torch.Tensor:
+                    logits = log_probs.float() if crf_backend == "torch" else log_probs.float().cpu()
+                    marginals = dense_crf_batch(images, logits, num_workers=crf_workers, backend=crf_backend)
+                    return marginals.to(log_probs.device)
+
+                prediction.cluster_crf_probs = refine(cluster_log_probs)
                 if linear_log_probs is not None:
-                    prediction.linear_crf_probs = dense_crf_batch(
-                        images, linear_log_probs.float().cpu(), num_workers=crf_workers
-                    ).to(linear_log_probs.device)
+                    prediction.linear_crf_probs = refine(linear_log_probs)
             return prediction
         finally:
             self.train(was_training)

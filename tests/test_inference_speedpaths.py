@@ -318,6 +318,28 @@ def test_cli_dtype_and_workers_are_used_and_recorded(model_dir, scenes_dir, tmp_
         np.testing.assert_array_equal(record[probe]["confusion_matrix"], direct[probe]["confusion_matrix"])
 
 
+def test_cli_crf_backend_torch_agrees_with_the_reference(model_dir, scenes_dir, tmp_path, capsys):
+    """``--crf --crf-backend torch`` scores the torch CRF's marginals: (nearly) the same confusion counts as the
+    pydensecrf reference, and the backend is recorded with the protocol."""
+    pytest.importorskip("pydensecrf.densecrf")
+    records = {}
+    for backend in ("pydensecrf", "torch"):
+        out_dir = tmp_path / backend
+        code, out, err = _cli(
+            capsys, "evaluate", str(model_dir), "--dataset", str(scenes_dir), "--quiet", "--device", "cpu",
+            "--crf", "--crf-backend", backend, "--output-dir", str(out_dir),
+        )  # fmt: skip
+        assert code == 0, err
+        records[backend] = json.loads((out_dir / "eval_results.json").read_text())
+        assert records[backend]["evaluation"]["protocol"]["crf_backend"] == backend
+    for probe in ("cluster_crf", "linear_crf"):
+        reference = np.asarray(records["pydensecrf"][probe]["confusion_matrix"])
+        torch_counts = np.asarray(records["torch"][probe]["confusion_matrix"])
+        assert reference.sum() == torch_counts.sum() == 4 * 32 * 32
+        # pixels that moved between cells, at most 2% of them (the torch CRF agrees on ~99.9% of real pixels)
+        assert np.abs(reference - torch_counts).sum() / 2 <= 0.02 * reference.sum()
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [

@@ -296,13 +296,16 @@ class DinoForUnsupervisedSegmentation(DinoPreTrainedModel):
         images: np.ndarray | Sequence[np.ndarray] | None = None,
         crf_workers: int = 0,
         autocast_dtype: str | torch.dtype | None = None,
+        crf_backend: str = "pydensecrf",
     ) -> UnsupervisedSegmentationPrediction:
         """``mode="kmeans"``: the shared `predict` (cluster log-probabilities of the fitted centroids).
         ``mode="attention"``: a [`DinoAttentionPrediction`] from [`attention_masks`] with
         ``config.attention_threshold`` (``flip_tta`` averages the maps of the image and its mirror; ``crf`` is not
         available)."""
         if self.config.mode == "kmeans":
-            return super().predict(pixel_values, output_size, flip_tta, crf, images, crf_workers, autocast_dtype)
+            return super().predict(
+                pixel_values, output_size, flip_tta, crf, images, crf_workers, autocast_dtype, crf_backend
+            )
         if crf:
             raise ValueError("crf=True refines cluster predictions; mode='attention' returns per-head attention masks")
         with backbone_precision(autocast_dtype, pixel_values.device):

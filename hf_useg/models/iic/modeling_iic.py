@@ -288,6 +288,7 @@ class IicForUnsupervisedSegmentation(IicPreTrainedModel):
         images: np.ndarray | Sequence[np.ndarray] | None = None,
         crf_workers: int = 0,
         autocast_dtype: str | torch.dtype | None = None,
+        crf_backend: str = "pydensecrf",
         head: str = "B",
     ) -> UnsupervisedSegmentationPrediction:
         """`UnsupervisedSegmentationPreTrainedModel.predict` for head B (default) or head A (`head="A"`):
@@ -302,6 +303,7 @@ class IicForUnsupervisedSegmentation(IicPreTrainedModel):
                 images=images,
                 crf_workers=crf_workers,
                 autocast_dtype=autocast_dtype,
+                crf_backend=crf_backend,
             )
 
     @torch.no_grad()
