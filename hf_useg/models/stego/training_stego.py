@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ...backbones import backbone_autocast, resolve_autocast_dtype
 from ...data.processing import ProcessedSegmentationDataset, collate_segmentation_batch
 from ...file_utils import atomic_directory, atomic_file
 from ...training.recipe import (
@@ -97,11 +98,8 @@ def resolve_backbone_dtype(name: str, device: str | torch.device) -> torch.dtype
     """
     if name not in BACKBONE_DTYPES:
         raise ValueError(f"backbone_dtype must be one of {BACKBONE_DTYPES}, got {name!r}")
-    device = torch.device(device)
     if name == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return resolve_autocast_dtype("auto", device)
     return _HALF_DTYPES.get(name)
 
 
@@ -113,12 +111,10 @@ def frozen_backbone_features(
     model: StegoForUnsupervisedSegmentation, pixel_values: torch.Tensor, autocast_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """The frozen backbone's feature maps ``[B, C, h, w]`` (float32), computed under
-    ``torch.autocast(dtype=autocast_dtype)`` when a half dtype is given (see [`resolve_backbone_dtype`]): on a GPU
+    `hf_useg.backbones.backbone_autocast` when a half dtype is given (see [`resolve_backbone_dtype`]): on a GPU
     the matrix products then run on the tensor cores, with SDPA attention (the backbone wrapper's default)."""
-    if autocast_dtype is None:
+    with backbone_autocast(autocast_dtype):
         return model.extract_features(pixel_values)
-    with torch.autocast(pixel_values.device.type, dtype=autocast_dtype):
-        return model.extract_features(pixel_values).float()
 
 
 def _cache_key(model, items, source_fingerprint: str | None, fields: str) -> str:
