@@ -3,19 +3,16 @@ commands, and one end-to-end ``--quick`` run on the real CamVid data (slow; skip
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("camvid_table", ROOT / "benchmarks" / "camvid_table.py")
-table = importlib.util.module_from_spec(_spec)
-sys.modules["camvid_table"] = table  # dataclasses look the module up by name
-_spec.loader.exec_module(table)
+table = load_script("benchmarks/camvid_table.py", "camvid_table")
 
 NAN = math.nan
 

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def analysis():
-    spec = importlib.util.spec_from_file_location(
-        "stego_camvid_analysis", ROOT / "benchmarks" / "stego_camvid_analysis.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["stego_camvid_analysis"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/stego_camvid_analysis.py", "stego_camvid_analysis")
 
 
 def test_knn_statistics_by_hand(analysis):
