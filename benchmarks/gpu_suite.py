@@ -142,34 +142,17 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-def measure_matmul_rate(device: str, size: int, repeats: int = 10) -> dict[str, Any]:
-    """TFLOP/s of a ``size``³ matrix product (bf16 on CUDA, float32 on the CPU), the mean of ``repeats`` timed
-    products after three warm-ups."""
+def measure_matmul_rate(device: str, size: int) -> dict[str, Any]:
+    """TFLOP/s of a ``size``³ matrix product (bf16 on CUDA, float32 on the CPU), timed by bench_inference.py's
+    `matmul_rate` (the rate its compute floor divides by)."""
     import torch
 
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
-    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    sys.path[:0] = [path for path in (str(ROOT), str(BENCHMARKS)) if path not in sys.path]
+    from bench_inference import matmul_rate
 
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-
-    for _ in range(3):
-        a @ b
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync()
-    seconds = (time.perf_counter() - start) / repeats
-    return {
-        "size": size,
-        "dtype": str(dtype).removeprefix("torch."),
-        "seconds": seconds,
-        "tflops": 2 * size**3 / seconds / 1e12,
-    }
+    device = torch.device(device)
+    rate = matmul_rate(device, size, min_seconds=1.0)
+    return {"size": size, "dtype": "bfloat16" if device.type == "cuda" else "float32", "tflops": rate / 1e12}
 
 
 def blocked_runner(blocked: list[str]) -> list[str]:
