@@ -955,18 +955,6 @@ def _relative(path: str | os.PathLike) -> str:
         return str(path)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -1003,7 +991,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     table["timing"]["total_seconds"] = round(time.time() - started, 1)
     table["machine"]["load_average_end"] = list(os.getloadavg())
-    (output_dir / "table.json").write_text(json.dumps(_jsonable(table), indent=2))
+    from hf_useg.inference import _jsonable  # NaN -> null, numpy values -> Python
+
+    (output_dir / "table.json").write_text(json.dumps(_jsonable(table), indent=2, default=str))  # Paths as text
     markdown = render_markdown(table)
     (output_dir / "table.md").write_text(markdown)
     print(markdown)
